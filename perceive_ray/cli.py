@@ -1,0 +1,188 @@
+"""`perceive-ray` command line: parse -> config -> call one library function.
+
+Exit codes: 0 success, 2 bad input (config, dataset files, scores), 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from perceive_ray import registry
+
+EXIT_BAD_INPUT = 2
+
+
+class CliError(Exception):
+    """Bad input reported to the user as one message and exit code 2."""
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from perceive_ray.config import ConfigError
+    from perceive_ray.data.manifest import ManifestError
+    from perceive_ray.metrics.base import MetricError
+    from perceive_ray.metrics.scores import ScoresError
+
+    return (CliError, ConfigError, ManifestError, ScoresError, MetricError, registry.RegistryError)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from perceive_ray.config import ConfigError, validate_file
+
+    failed = 0
+    for path in args.files:
+        try:
+            config = validate_file(path)
+        except ConfigError as exc:
+            failed += 1
+            print(str(exc), file=sys.stderr)
+        else:
+            print(f"ok  {path}  ({config.name}: {', '.join(b.name for b in config.benchmarks)})")
+    return EXIT_BAD_INPUT if failed else 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    kinds = [args.kind] if args.kind else list(registry.KINDS)
+    for kind in kinds:
+        print(f"{kind}:")
+        entries = registry.names(kind)
+        if not entries:
+            print("  (none registered yet)")
+        for name in entries:
+            line = f"  {name:<24} {registry.target(kind, name)}"
+            if args.verbose:
+                line += f"\n      {registry.summary(kind, name)}"
+            print(line)
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from perceive_ray.data.synthetic import generate
+
+    if args.pairs < 1:
+        raise CliError(f"--pairs must be >= 1, got {args.pairs}")
+    summary = generate(Path(args.out), seed=args.seed, pairs=args.pairs)
+    print(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_data_manifest(args: argparse.Namespace) -> int:
+    from perceive_ray.data.catalog import load_benchmark
+
+    manifest = load_benchmark(args.benchmark, args.data_root, strict_sizes=args.strict_sizes)
+    for warning in manifest.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    path = manifest.write_parquet(args.out)
+    print(json.dumps({"benchmark": manifest.benchmark, "items": len(manifest), "manifest": str(path),
+                      "source_hashes": dict(manifest.source_hashes)}, indent=2))
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from perceive_ray.data.catalog import load_benchmark
+    from perceive_ray.metrics.compute import compute_metrics
+    from perceive_ray.metrics.scores import read_scores
+
+    scores = read_scores(args.scores)  # cheap checks first: the scores file, then the dataset
+    manifest = load_benchmark(args.benchmark, args.data_root, strict_sizes=args.strict_sizes)
+    report = compute_metrics(
+        manifest,
+        scores,
+        tie_policy=args.tie_policy,
+        label_errata=args.errata,
+        max_nan_fraction=args.max_nan_fraction,
+        source=str(args.scores),
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_report(report.to_dict()))
+    for note in report.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    return 0
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{report['benchmark']}  (tie_policy={report['tie_policy']}, label_errata={report['label_errata']})",
+             f"{'metric':<40} {'value':>8} {'chance':>8} {'n':>12}"]
+    counts = report["counts"]
+    for key, value in report["metrics"].items():
+        n = f"{counts.get(key + '/correct', '')}/{counts.get(key + '/total', '')}"
+        lines.append(f"{key:<40} {100 * value:>7.2f}% {100 * report['chance'][key]:>7.2f}% {n:>12}")
+    lines.append(f"exact ties: {counts.get('ties', 0)}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="perceive-ray",
+        description="Reproduce and scale 'How Generative MLLMs Perceive More Than CLIP with the Same Vision "
+        "Encoder': benchmarks in their published formats, exact metrics, Ray-scaled scoring and training.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check experiment YAML files against the config schema (and their smoke mode)",
+                       description="Validate experiment files: unknown keys, wrong types and missing files are "
+                       "reported with the file and key path; exit code 2 if any file is invalid.")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("ls", help="list registered names (benchmarks, metrics, scorers, models, jobs)",
+                       description="List what the registry knows, by kind. Config files refer to these names.")
+    p.add_argument("kind", nargs="?", choices=registry.KINDS)
+    p.add_argument("-v", "--verbose", action="store_true", help="also show each entry's one-line description")
+    p.set_defaults(func=cmd_ls)
+
+    data = sub.add_parser("data", help="dataset tools: synthetic benchmark, manifests",
+                          description="Dataset tools.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data_sub.add_parser(
+        "synth", help="render the synthetic spatial benchmark in the real What'sUp / MMVP-VLM / LLaVA layouts",
+        description="Render seeded synthetic scenes and write them as What'sUp Controlled A and B (JSON + JPEG), "
+        "MMVP-VLM (CSV + folders) and a LLaVA-1.5-format caption split. The same seed gives byte-identical files.",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs", type=int, default=8, help="object pairs per What'sUp subset (default 8)")
+    p.set_defaults(func=cmd_data_synth)
+    p = data_sub.add_parser("manifest", help="read a benchmark folder and write its manifest (Parquet)",
+                            description="Run a benchmark adapter over a dataset folder and write the manifest.")
+    p.add_argument("--benchmark", required=True, choices=registry.names("benchmarks"), metavar="NAME")
+    p.add_argument("--data-root", required=True, help="the benchmark's folder in its published layout")
+    p.add_argument("--out", required=True, help="manifest .parquet to write")
+    p.add_argument("--strict-sizes", action="store_true", help="make a size that differs from the published one an error")
+    p.set_defaults(func=cmd_data_manifest)
+
+    p = sub.add_parser(
+        "metrics", help="compute a benchmark's metrics from a scores table",
+        description="Compute metrics (PROTOCOLS §2) from a scores Parquet (item_id, image_index, text_index, "
+        "score). Exits 2 with a clear message when the scores do not cover the benchmark's items.",
+    )
+    p.add_argument("--benchmark", required=True, choices=registry.names("benchmarks"), metavar="NAME")
+    p.add_argument("--data-root", required=True, help="the benchmark's folder in its published layout")
+    p.add_argument("--scores", required=True, help="scores table (.parquet)")
+    p.add_argument("--tie-policy", default="strict", choices=("strict", "argmax_first", "mmvp_reference"))
+    p.add_argument("--errata", default="original", choices=("original", "corrected"), help="label errata mode")
+    p.add_argument("--strict-sizes", action="store_true", help="make a size that differs from the published one an error")
+    p.add_argument("--max-nan-fraction", type=float, default=0.0,
+                   help="SeeTRUE only: largest fraction of NaN-scored items to exclude before failing (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=cmd_metrics)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except _bad_input_errors() as exc:
+        print(f"perceive-ray: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dataset layer: benchmark adapters, the Manifest schema, the synthetic generator; imports no Ray."""

@@ -1,0 +1,1 @@
+"""Metrics: pure functions of a manifest and a scores table."""

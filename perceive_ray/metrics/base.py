@@ -1,0 +1,104 @@
+"""Shared pieces of every metric: tie policies, the errata switch, tallies and the metric report.
+
+Metrics are pure functions ``(manifest, score grids, tie_policy, label_errata) -> MetricReport``. Values are
+fractions in [0, 1]; every value has a chance level under the same key and its numerator/denominator in counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+TIE_POLICIES = ("strict", "argmax_first", "mmvp_reference")
+LABEL_ERRATA = ("original", "corrected")
+
+
+class MetricError(ValueError):
+    """A metric cannot be computed as asked (unknown policy, policy not valid for this benchmark, ...)."""
+
+
+def check_policy(tie_policy: str, label_errata: str, *, benchmark: str, allow_mmvp: bool = False) -> None:
+    if tie_policy not in TIE_POLICIES:
+        raise MetricError(f"unknown tie_policy {tie_policy!r}; choose one of {', '.join(TIE_POLICIES)}")
+    if tie_policy == "mmvp_reference" and not allow_mmvp:
+        raise MetricError(f"tie_policy 'mmvp_reference' applies to MMVP only, not to {benchmark!r}")
+    if label_errata not in LABEL_ERRATA:
+        raise MetricError(f"unknown label_errata {label_errata!r}; choose one of {', '.join(LABEL_ERRATA)}")
+
+
+def wins(values: Sequence[float], correct: int, tie_policy: str) -> tuple[bool, bool]:
+    """Whether option ``correct`` is chosen among ``values``, and whether it tied exactly with another option.
+
+    strict: it must beat every other option (ties are wrong). argmax_first: numpy-argmax semantics, a tie goes to
+    the lowest index. ``mmvp_reference`` is decided by the MMVP metric itself.
+    """
+    best = values[correct]
+    tied = any(v == best for j, v in enumerate(values) if j != correct)
+    if tie_policy == "strict":
+        ok = all(best > v for j, v in enumerate(values) if j != correct)
+    elif tie_policy == "argmax_first":
+        ok = all((best > v) if j < correct else (best >= v) for j, v in enumerate(values) if j != correct)
+    else:
+        raise MetricError(f"tie_policy {tie_policy!r} is not a generic choice rule")
+    return ok, tied
+
+
+@dataclass
+class Tally:
+    """Numerators and denominators per metric key, with the chance level of each key."""
+
+    correct: dict[str, int] = field(default_factory=dict)
+    total: dict[str, int] = field(default_factory=dict)
+    chance: dict[str, float] = field(default_factory=dict)
+    ties: int = 0
+
+    def declare(self, key: str, chance: float) -> None:
+        self.correct.setdefault(key, 0)
+        self.total.setdefault(key, 0)
+        self.chance[key] = chance
+
+    def add(self, key: str, ok: bool, chance: float, weight: int = 1) -> None:
+        if key not in self.chance:
+            self.declare(key, chance)
+        self.correct[key] += int(bool(ok)) * weight
+        self.total[key] += weight
+
+    def add_fraction(self, key: str, numerator: int, denominator: int, chance: float) -> None:
+        if key not in self.chance:
+            self.declare(key, chance)
+        self.correct[key] += numerator
+        self.total[key] += denominator
+
+    def report(self, benchmark: str, tie_policy: str, label_errata: str, **extra_counts: int) -> MetricReport:
+        metrics = {k: self.correct[k] / self.total[k] for k in self.total if self.total[k] > 0}
+        chance = {k: self.chance[k] for k in metrics}
+        counts: dict[str, int] = {}
+        for key in self.total:
+            counts[f"{key}/correct"] = self.correct[key]
+            counts[f"{key}/total"] = self.total[key]
+        counts["ties"] = self.ties
+        counts.update(extra_counts)
+        return MetricReport(benchmark, metrics, chance, counts, tie_policy, label_errata)
+
+
+@dataclass
+class MetricReport:
+    benchmark: str
+    metrics: dict[str, float]
+    chance: dict[str, float]
+    counts: dict[str, int]
+    tie_policy: str
+    label_errata: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.benchmark,
+            "metrics": dict(sorted(self.metrics.items())),
+            "chance": dict(sorted(self.chance.items())),
+            "counts": dict(sorted(self.counts.items())),
+            "tie_policy": self.tie_policy,
+            "label_errata": self.label_errata,
+            "notes": list(self.notes),
+        }

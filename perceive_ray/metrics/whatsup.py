@@ -1,0 +1,88 @@
+"""What'sUp metrics (PROTOCOLS §2.1-2.2): Controlled 2-way/4-way individual, group, pair and set accuracy; COCO/VG QA.
+
+Controlled items are scored 1x4 (one image, its four caption options); the 2-way result of an image is read from the
+same row by keeping [true, opposite] (``Item.two_way``), so there is never a separate 2-way run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from perceive_ray.data.manifest import Item, Manifest
+from perceive_ray.metrics.base import MetricReport, Tally, check_policy, wins
+from perceive_ray.metrics.scores import ScoreGrids
+
+# Controlled A images whose relation labels appear swapped (whatsup_vlms issue #4); `corrected` swaps them.
+CONTROLLED_ERRATA = {"controlled_a": frozenset({"pillow_left_of_chair", "pillow_right_of_chair"})}
+
+# Chance levels for uniformly random, tie-free scores (PROTOCOLS §2.6): (individual, pair, set) per protocol.
+CHANCE = {"2way": (0.5, 0.25, 0.0625), "4way": (0.25, 0.0625, 0.25**4)}
+
+
+def _correct_index(item: Item, label_errata: str) -> int:
+    """Index of the true caption; an erratum image takes its 2-way opposite's relation."""
+    if label_errata == "corrected" and item.item_id in CONTROLLED_ERRATA.get(item.subset, ()):
+        return item.two_way[1]
+    return 0
+
+
+def compute_whatsup_controlled(
+    manifest: Manifest, grids: ScoreGrids, *, tie_policy: str = "strict", label_errata: str = "original"
+) -> MetricReport:
+    """2-way and 4-way accuracy: individual, per relation group, per group pair, pooled pair, set."""
+    check_policy(tie_policy, label_errata, benchmark=manifest.benchmark)
+    tally = Tally()
+    ties = {"2way": 0, "4way": 0}
+    errata_items = 0
+    # outcome[protocol][pair_key][group] -> list of per-image correctness
+    outcome: dict[str, dict[str, dict[str, list[bool]]]] = {
+        p: defaultdict(lambda: defaultdict(list)) for p in CHANCE
+    }
+    for item in manifest.items:
+        scores = [float(s) for s in grids[item.item_id][0]]
+        correct = _correct_index(item, label_errata)
+        errata_items += correct != 0
+        true_idx, opp_idx = item.two_way
+        options = [scores[true_idx], scores[opp_idx]]
+        results = {
+            "2way": wins(options, 0 if correct == true_idx else 1, tie_policy),
+            "4way": wins(scores, correct, tie_policy),
+        }
+        any_tie = False
+        for protocol, (ok, tied) in results.items():
+            individual = CHANCE[protocol][0]
+            tally.add(f"{protocol}/individual_acc", ok, individual)
+            tally.add(f"{protocol}/{item.group}/individual_acc", ok, individual)
+            outcome[protocol][item.pair_key][item.group].append(ok)
+            ties[protocol] += tied
+            any_tie |= tied
+        tally.ties += any_tie
+
+    for protocol, by_key in outcome.items():
+        _, pair_chance, set_chance = CHANCE[protocol]
+        for by_group in by_key.values():
+            all_ok = True
+            for group, oks in sorted(by_group.items()):
+                both = len(oks) == 2 and all(oks)
+                tally.add(f"{protocol}/{group}/pair_acc", both, pair_chance)
+                tally.add(f"{protocol}/pair_acc", both, pair_chance)
+                all_ok &= all(oks)
+            tally.add(f"{protocol}/set_acc", all_ok, set_chance)
+    return tally.report(
+        manifest.benchmark, tie_policy, label_errata,
+        items=len(manifest.items), errata_items=errata_items, **{f"{p}/ties": n for p, n in ties.items()},
+    )
+
+
+def compute_whatsup_qa(
+    manifest: Manifest, grids: ScoreGrids, *, tie_policy: str = "strict", label_errata: str = "original"
+) -> MetricReport:
+    """COCO-QA / VG-QA: correct iff S[true] > S[false]; individual and per preposition group (no pairs or sets)."""
+    check_policy(tie_policy, label_errata, benchmark=manifest.benchmark)
+    tally = Tally()
+    for item in manifest.items:
+        ok, tied = wins([float(s) for s in grids[item.item_id][0]], 0, tie_policy)
+        tally.add("individual_acc", ok, 0.5)
+        tally.add(f"{item.group}/individual_acc", ok, 0.5)
+        tally.ties += tied
+    return tally.report(manifest.benchmark, tie_policy, label_errata, items=len(manifest.items))

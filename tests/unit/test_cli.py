@@ -1,0 +1,117 @@
+"""The `perceive-ray` command line: help, ls, validate, data manifest, metrics (JSON and exit codes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from perceive_ray import registry
+from perceive_ray.cli import main
+from perceive_ray.data.benchmarks import whatsup
+from tests.fixtures.whatsup_files import write_controlled
+from tests.unit.test_whatsup import table_from, true_wins
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "perceive_ray", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+
+
+def test_help_lists_every_subcommand():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("validate", "ls", "data", "metrics"):
+        assert command in result.stdout
+    for sub in (["validate"], ["ls"], ["data", "synth"], ["data", "manifest"], ["metrics"]):
+        assert run_cli(*sub, "--help").returncode == 0
+
+
+def test_ls(capsys):
+    assert main(["ls", "benchmarks"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in registry.BENCHMARKS)
+    assert main(["ls"]) == 0
+    assert "scorers:" in capsys.readouterr().out
+
+
+def test_registry_covers_every_benchmark_with_adapter_and_metric():
+    assert registry.names("benchmarks") == list(registry.BENCHMARKS)
+    assert registry.names("metrics") == list(registry.BENCHMARKS)
+    for name in registry.BENCHMARKS:
+        assert callable(registry.resolve("benchmarks", name))
+        assert callable(registry.resolve("metrics", name))
+    with pytest.raises(registry.RegistryError, match="unknown benchmark 'nope'"):
+        registry.resolve("benchmarks", "nope")
+
+
+def test_validate_exit_codes(tmp_path, capsys):
+    good = REPO / "experiments" / "eval" / "clip_whatsup.yaml"
+    assert main(["validate", str(good)]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text().replace("batch_size: 64", "batch_size: 64\n  colour: red").replace(
+        "base: ../_base/eval.yaml", f"base: {good.parent.parent / '_base' / 'eval.yaml'}"))
+    assert main(["validate", str(good), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "scorer.colour: unknown key" in err
+
+
+def test_metrics_json_and_manifest(tmp_path, capsys):
+    root = write_controlled(tmp_path / "whatsup", "a", [("mug", "plate"), ("cup", "box")])
+    manifest = whatsup.load_controlled_a(root)
+    scores = tmp_path / "scores.parquet"
+    pq.write_table(table_from(manifest, true_wins), scores)
+    code = main(["metrics", "--benchmark", "whatsup_controlled_a", "--data-root", str(root), "--scores", str(scores),
+                 "--json"])
+    captured = capsys.readouterr()
+    assert code == 0
+    report = json.loads(captured.out)
+    assert set(report) >= {"benchmark", "metrics", "chance", "counts"}
+    assert report["benchmark"] == "whatsup_controlled_a"
+    assert report["metrics"]["2way/set_acc"] == 1.0 and report["chance"]["2way/set_acc"] == 0.0625
+    assert report["counts"]["2way/set_acc/total"] == 2
+    assert "published size is 412" in captured.err  # size warning goes to stderr, JSON stays clean
+
+    assert main(["data", "manifest", "--benchmark", "whatsup_controlled_a", "--data-root", str(root),
+                 "--out", str(tmp_path / "m.parquet")]) == 0
+    assert pq.read_table(tmp_path / "m.parquet").num_rows == 8
+
+
+def test_metrics_exit_2_when_scores_do_not_cover(tmp_path):
+    root = write_controlled(tmp_path / "whatsup", "a", [("mug", "plate")])
+    manifest = whatsup.load_controlled_a(root)
+    scores = tmp_path / "scores.parquet"
+    pq.write_table(table_from(manifest, true_wins).slice(0, 5), scores)
+    result = run_cli("metrics", "--benchmark", "whatsup_controlled_a", "--data-root", str(root), "--scores",
+                     str(scores), "--json")
+    assert result.returncode == 2
+    assert "do not cover benchmark 'whatsup_controlled_a'" in result.stderr and result.stdout == ""
+    missing = run_cli("metrics", "--benchmark", "whatsup_controlled_a", "--data-root", str(root), "--scores",
+                      str(tmp_path / "none.parquet"))
+    assert missing.returncode == 2 and "scores file not found" in missing.stderr
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(table_from(manifest, true_wins).drop(["score"]), wrong)
+    result = run_cli("metrics", "--benchmark", "whatsup_controlled_a", "--data-root", str(root), "--scores", str(wrong))
+    assert result.returncode == 2 and "lacks column(s) ['score']" in result.stderr
+
+
+def test_no_module_outside_run_imports_ray():
+    """The core must import with `ray` blocked (DESIGN §1)."""
+    code = (
+        "import sys, pkgutil, importlib\n"
+        "sys.modules['ray'] = None\n"
+        "import perceive_ray\n"
+        "for m in pkgutil.walk_packages(perceive_ray.__path__, 'perceive_ray.'):\n"
+        "    if m.name.startswith('perceive_ray.run') or m.name == 'perceive_ray.__main__':\n"
+        "        continue\n"
+        "    importlib.import_module(m.name)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

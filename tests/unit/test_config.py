@@ -1,0 +1,141 @@
+"""Config schema: base merge, dotted overrides, smoke mode, and errors that name the file and key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from perceive_ray.config import ConfigError, apply_overrides, dump_config, load_config, validate_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+BASE = """
+seed: 3
+metrics: {tie_policy: strict}
+resources: {num_actors: 2}
+"""
+
+EXPERIMENT = """
+base: _base.yaml
+name: t
+benchmarks:
+  - {name: whatsup_controlled_a, root: data/whatsup}
+model: {family: clip, source: ViT-L-14-336, pretrained: openai}
+scorer: {name: clip_cosine, batch_size: 16}
+smoke:
+  benchmarks:
+    - {name: whatsup_controlled_a, root: synth/whatsup, limit: 4}
+  scorer.batch_size: 2
+"""
+
+
+def write(tmp_path: Path, text: str = EXPERIMENT, base: str = BASE, name: str = "exp.yaml") -> Path:
+    (tmp_path / "_base.yaml").write_text(base)
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_base_merge_and_overrides(tmp_path):
+    path = write(tmp_path)
+    config = load_config(path, ["scorer.batch_size=32", "benchmarks.0.limit=10", "metrics.label_errata=corrected"])
+    assert config.seed == 3 and config.resources.num_actors == 2  # from the base
+    assert config.scorer.batch_size == 32 and config.benchmarks[0].limit == 10
+    assert config.metrics.label_errata == "corrected" and config.metrics.tie_policy == "strict"
+    assert str(config.benchmarks[0].root) == "data/whatsup"
+    with pytest.raises(ValidationError):  # frozen
+        config.seed = 4  # type: ignore[misc]
+
+
+def test_smoke_mode(tmp_path):
+    config = load_config(write(tmp_path), smoke=True)
+    assert config.scorer.batch_size == 2
+    assert str(config.benchmarks[0].root) == "synth/whatsup" and config.benchmarks[0].limit == 4
+    # CLI overrides still win over the smoke block.
+    assert load_config(write(tmp_path), ["scorer.batch_size=5"], smoke=True).scorer.batch_size == 5
+
+
+def test_dump_round_trips(tmp_path):
+    config = load_config(write(tmp_path))
+    again = tmp_path / "dumped.yaml"
+    again.write_text(dump_config(config))
+    assert load_config(again) == config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["scorer.batchsize=3"], r"scorer.batchsize: unknown key"),
+        (["scorer.batch_size=lots"], r"scorer.batch_size: Input should be a valid integer"),
+        (["scorer.batch_size=0"], r"scorer.batch_size: Input should be greater than 0"),
+        (["benchmarks.0.name=whatsup_a"], r"benchmarks.0.name: Value error, unknown benchmark 'whatsup_a'"),
+        (["metrics.tie_policy=loose"], r"metrics.tie_policy: Input should be 'strict', 'argmax_first' or 'mmvp_reference'"),
+        (["metrics.tie_policy=mmvp_reference"], r"'mmvp_reference' applies to MMVP only, not to whatsup_controlled_a"),
+        (["benchmarks.3.name=mmvp"], r"benchmarks.3 is not an index of a 1-item list"),
+        (["no_equals_sign"], r"'no_equals_sign' is not of the form dotted.key=value"),
+        (["seed.x=1"], r"seed is a value, not a mapping"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path, overrides, message):
+    path = write(tmp_path)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path, overrides)
+    if "override" not in str(info.value):
+        assert str(path) in str(info.value)
+
+
+def test_missing_keys_and_files(tmp_path):
+    path = write(tmp_path, text="base: _base.yaml\nname: t\n")
+    with pytest.raises(ConfigError, match=r"benchmarks: required key is missing") as info:
+        load_config(path)
+    assert "model: required key is missing" in str(info.value) and str(path) in str(info.value)
+    with pytest.raises(ConfigError, match=r"nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    missing_base = write(tmp_path, text="base: gone.yaml\nname: t\n", name="b.yaml")
+    with pytest.raises(ConfigError, match=r"gone.yaml: config file not found"):
+        load_config(missing_base)
+
+
+def test_base_is_one_level_and_yaml_errors(tmp_path):
+    path = write(tmp_path, base="base: other.yaml\nseed: 1\n")
+    with pytest.raises(ConfigError, match=r"_base.yaml: base files cannot have a base"):
+        load_config(path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match=r"list.yaml: top level must be a mapping"):
+        load_config(listy)
+
+
+def test_smoke_block_is_validated_too(tmp_path):
+    text = EXPERIMENT.replace("scorer.batch_size: 2", "scorer.batch_sise: 2")
+    with pytest.raises(ConfigError, match=r"scorer.batch_sise: unknown key"):
+        validate_file(write(tmp_path, text=text))
+
+
+def test_override_values_are_yaml():
+    data = apply_overrides({"a": {"b": 1}}, ["a.b=[1, 2]", "a.c=true", "d.e=null", "f=x=y"])
+    assert data == {"a": {"b": [1, 2], "c": True}, "d": {"e": None}, "f": "x=y"}
+
+
+def experiment_files() -> list[Path]:
+    return sorted(p for p in (REPO / "experiments").rglob("*.yaml") if "_base" not in p.parts)
+
+
+def test_experiments_exist():
+    assert len(experiment_files()) >= 2
+
+
+@pytest.mark.parametrize("path", experiment_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_experiment_validates(path):
+    config = validate_file(path)
+    header = path.read_text().splitlines()[:8]
+    assert header[0].startswith("# Question:"), f"{path}: the header comment block must open with '# Question:'"
+    assert any(line.startswith("# Command:") for line in header), f"{path}: header lacks '# Command:'"
+    assert any(line.startswith("# Expected runtime:") for line in header), f"{path}: header lacks '# Expected runtime:'"
+    assert config.smoke, f"{path}: every experiment needs a smoke block"
