@@ -64,7 +64,10 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     if args.pairs < 1:
         raise CliError(f"--pairs must be >= 1, got {args.pairs}")
-    summary = generate(Path(args.out), seed=args.seed, pairs=args.pairs)
+    try:
+        summary = generate(Path(args.out), seed=args.seed, pairs=args.pairs, overwrite=args.overwrite)
+    except ValueError as exc:  # argument and output-folder problems, raised before anything is written
+        raise CliError(str(exc)) from exc
     print(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
     return 0
 
@@ -147,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pairs", type=int, default=8, help="object pairs per What'sUp subset (default 8)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a tree this command wrote before (refused otherwise, so stale files never mix in)")
     p.set_defaults(func=cmd_data_synth)
     p = data_sub.add_parser("manifest", help="read a benchmark folder and write its manifest (Parquet)",
                             description="Run a benchmark adapter over a dataset folder and write the manifest.")

@@ -9,6 +9,7 @@ import csv
 import hashlib
 import io
 import json
+import posixpath
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -104,24 +105,35 @@ class SourceFiles:
             rows.append(dict(zip(found, values, strict=True)))
         return rows
 
-    def image(self, rel: str, *, where: str) -> str:
-        """Resolve an image reference relative to the root; it must exist and stay inside the root.
+    def image(self, rel: str, *, where: str, under: str | None = None) -> str:
+        """Resolve an image reference relative to the root (or to the folder ``under``, which it may not leave).
 
-        Returns the normalised POSIX path relative to the root. ``where`` names the file and row for errors.
+        The file must exist and the reference must stay inside the root. Returns the normalised POSIX path relative
+        to the root. ``where`` names the file and row for errors.
         """
+        if under is not None:
+            if not isinstance(rel, str) or not rel:
+                raise ManifestError(f"{where}: image reference {rel!r} is not a non-empty string")
+            joined = posixpath.normpath(posixpath.join(under, rel))
+            if rel.startswith("/") or not joined.startswith(under.rstrip("/") + "/"):
+                raise ManifestError(f"{where}: image path {rel!r} escapes {under}/")
+            rel = joined
         return resolve_image(self.root, rel, where=where)
 
 
 def resolve_image(root: Path, rel: str, *, where: str) -> str:
+    """Lexical guard: the reference, normalised, must stay below the root (no absolute paths, no ``..`` escape).
+
+    Symlinks placed by the user (a shared ``val2017/`` linked into several dataset roots) are followed on purpose:
+    the guard is about what annotation files may point at, not about how the user arranges their disks.
+    """
     if not isinstance(rel, str) or not rel:
         raise ManifestError(f"{where}: image reference {rel!r} is not a non-empty string")
-    if PurePosixPath(rel).is_absolute() or Path(rel).is_absolute():
-        raise ManifestError(f"{where}: image path {rel!r} is absolute; it must be relative to the dataset root")
-    path = (root / rel).resolve()
-    try:
-        inside = path.relative_to(root)
-    except ValueError:
-        raise ManifestError(f"{where}: image path {rel!r} resolves outside the dataset root {root}") from None
-    if not path.is_file():
+    if PurePosixPath(rel).is_absolute() or Path(rel).is_absolute() or "\\" in rel:
+        raise ManifestError(f"{where}: image path {rel!r} is absolute or not POSIX; it must be relative to the root")
+    normalised = posixpath.normpath(rel)
+    if normalised == ".." or normalised.startswith("../") or normalised == ".":
+        raise ManifestError(f"{where}: image path {rel!r} resolves outside the dataset root {root}")
+    if not (root / normalised).is_file():
         raise ManifestError(f"{where}: image {rel!r} not found under {root}")
-    return inside.as_posix()
+    return normalised

@@ -115,3 +115,22 @@ def test_no_module_outside_run_imports_ray():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_synth_then_metrics_end_to_end(tmp_path, capsys):
+    """A new user's path: render the synthetic benchmark, score it (planted scores), compute metrics."""
+    out = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(out), "--seed", "3", "--pairs", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["roots"]["whatsup_controlled_a"] == "whatsup"
+    assert main(["data", "synth", "--out", str(out), "--seed", "3", "--pairs", "2"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    for benchmark in ("whatsup_controlled_a", "whatsup_controlled_b"):
+        manifest = whatsup.load_controlled_a(out / "whatsup") if benchmark.endswith("a") else \
+            whatsup.load_controlled_b(out / "whatsup")
+        scores = tmp_path / f"{benchmark}.parquet"
+        pq.write_table(table_from(manifest, true_wins), scores)
+        assert main(["metrics", "--benchmark", benchmark, "--data-root", str(out / "whatsup"), "--scores",
+                     str(scores)]) == 0
+        table = capsys.readouterr().out
+        assert "2way/set_acc" in table and "100.00%" in table and "6.25%" in table

@@ -47,11 +47,15 @@ def test_image_guard(tmp_path):
     (root / "img").mkdir(parents=True)
     (root / "img" / "a.jpg").write_bytes(b"x")
     (tmp_path / "outside.jpg").write_bytes(b"x")
-    os.symlink(tmp_path / "outside.jpg", root / "img" / "link.jpg")
+    # A folder the user linked in (e.g. a shared val2017/) is followed: the guard is lexical.
+    os.symlink(tmp_path, root / "shared")
+    assert resolve_image(root, "shared/outside.jpg", where="f: row 1") == "shared/outside.jpg"
     assert resolve_image(root, "img/./a.jpg", where="f: row 1") == "img/a.jpg"
+    assert resolve_image(root, "img/../img/a.jpg", where="f: row 1") == "img/a.jpg"
     for ref, match in [
         ("../outside.jpg", "resolves outside the dataset root"),
-        ("img/link.jpg", "resolves outside the dataset root"),
+        ("img/../../outside.jpg", "resolves outside the dataset root"),
+        ("img\\..\\..\\outside.jpg", "not POSIX"),
         (str(tmp_path / "outside.jpg"), "is absolute"),
         ("img/none.jpg", "not found"),
         ("", "not a non-empty string"),

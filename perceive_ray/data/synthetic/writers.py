@@ -1,0 +1,207 @@
+"""Writers of the synthetic benchmark in the real layouts: What'sUp Controlled A/B, MMVP-VLM, LLaVA-1.5 JSON.
+
+Everything written goes through ``TreeWriter``, which fixes the byte encoding (sorted-key JSON with 2-space
+indent, RFC-4180 CSV, baseline JPEG without metadata) and records a sha256 per file: one seed, one tree.
+No timestamps and no absolute paths are written anywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from perceive_ray.data.synthetic.render import encode_jpeg, render_scene, render_vlm
+from perceive_ray.data.synthetic.scenes import (
+    KIND_RELATIONS,
+    OPPOSITE,
+    RELATION_PHRASES,
+    VLM_TYPES,
+    build_random_scene,
+    build_vlm_pair,
+    build_whatsup_sets,
+    caption_options,
+    make_rng,
+    phrase_for,
+    with_article,
+)
+
+# What'sUp Controlled (PROTOCOLS §1.1): subset -> (annotation file, image folder). Paths in the JSON start
+# with "data/", which the adapters drop before joining to the root, exactly as for the real files.
+WHATSUP_FILES = {
+    "A": ("controlled_images_dataset.json", "controlled_images"),
+    "B": ("controlled_clevr_dataset.json", "controlled_clevr"),
+}
+MMVP_VLM_HEADER = ("Question ID", "Type", "Statement")
+MMVP_VLM_IMAGES = "MLLM_VLM Images"  # the HF folder name, space included
+
+# LLaVA-1.5 files: the real record schema under names that say the data are synthetic (real files:
+# blip_laion_cc_sbu_558k.json, llava_v1_5_mix665k.json). ``image`` is relative to LLAVA_IMAGES.
+LLAVA_PRETRAIN = "synthetic_558k.json"
+LLAVA_MIX = "synthetic_mix665k.json"
+LLAVA_IMAGES = "images"
+_BRIEF_PROMPTS = (
+    "Describe the image briefly.",
+    "Give a short caption for this picture.",
+    "Write a brief description of the scene.",
+    "Summarize what the image shows in a few words.",
+)
+
+
+class TreeWriter:
+    """Writes files under ``root`` with fixed encodings; keeps each file's sha256 by POSIX relative path."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.hashes: dict[str, str] = {}
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        self.hashes[rel] = hashlib.sha256(data).hexdigest()
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        text = json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def write_csv(self, rel: str, header: tuple[str, ...], rows: list[list[str]]) -> None:
+        buffer = io.StringIO(newline="")
+        writer = csv.writer(buffer, lineterminator="\r\n")  # RFC 4180: CRLF, quotes doubled, minimal quoting
+        writer.writerow(header)
+        writer.writerows(rows)
+        self.write_bytes(rel, buffer.getvalue().encode("utf-8"))
+
+    def write_jpeg(self, rel: str, image: Image.Image) -> None:
+        self.write_bytes(rel, encode_jpeg(image))
+
+    def tree_sha256(self) -> str:
+        """One digest over every (path, sha256) written, in sorted path order."""
+        digest = hashlib.sha256()
+        for rel in sorted(self.hashes):
+            digest.update(f"{rel}\0{self.hashes[rel]}\n".encode())
+        return digest.hexdigest()
+
+
+def write_whatsup(tree: TreeWriter, prefix: str, *, seed: int, pairs: int) -> dict[str, int]:
+    """Controlled A and B under ``prefix``: ``pairs`` sets of 4 images each; returns item counts."""
+    counts = {}
+    for kind, (annotation, folder) in WHATSUP_FILES.items():
+        records = []
+        for index, scenes in enumerate(build_whatsup_sets(seed, kind, pairs)):
+            for scene in scenes:
+                tree.write_jpeg(f"{prefix}/{folder}/{scene.filename}", render_scene(scene))
+                records.append(
+                    {
+                        "image_path": f"data/{folder}/{scene.filename}",
+                        "caption_options": caption_options(seed, scene, index),
+                    }
+                )
+        tree.write_json(f"{prefix}/{annotation}", records)
+        counts[f"whatsup_controlled_{kind.lower()}"] = len(records)
+    return counts
+
+
+def write_mmvp_vlm(tree: TreeWriter, prefix: str, *, seed: int, pairs_per_type: int) -> dict[str, int]:
+    """``Questions.csv`` + ``MLLM_VLM Images/<Type>/<Question ID>.jpg``; rows (2k-1, 2k) form pair k."""
+    rows: list[list[str]] = []
+    for category in VLM_TYPES:
+        for index in range(pairs_per_type):
+            for spec in build_vlm_pair(seed, category, index):
+                qid = len(rows) + 1
+                tree.write_jpeg(f"{prefix}/{MMVP_VLM_IMAGES}/{category}/{qid}.jpg", render_vlm(spec))
+                rows.append([str(qid), category, spec.statement])
+    tree.write_csv(f"{prefix}/Questions.csv", MMVP_VLM_HEADER, rows)
+    return {"mmvp_vlm_pairs": len(rows) // 2, "mmvp_vlm_rows": len(rows)}
+
+
+def _sentence(name1: str, relation: str, name2: str) -> str:
+    return f"The {name1} is {RELATION_PHRASES[relation]} the {name2}."
+
+
+def build_pretrain_records(tree: TreeWriter, prefix: str, *, seed: int, n: int) -> list[dict[str, Any]]:
+    """558K-shaped records: one human turn (``<image>`` + a brief-caption request), one gpt caption."""
+    records = []
+    relations = KIND_RELATIONS["A"]
+    for i in range(1, n + 1):
+        # Cycling the relation guarantees left/right captions (what NegCLIP's hard negatives swap).
+        scene = build_random_scene(seed, relations[(i - 1) % len(relations)], "llava", "pretrain", i)
+        image = f"pretrain/{i:06d}.jpg"
+        tree.write_jpeg(f"{prefix}/{LLAVA_IMAGES}/{image}", render_scene(scene))
+        rng = make_rng(seed, "llava", "pretrain", i, "prompt")
+        prompt = rng.choice(_BRIEF_PROMPTS)
+        # The real 558K puts <image> before or after the request; keep both forms.
+        human = f"<image>\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n<image>"
+        obj1, obj2 = (o.name for o in scene.objects)
+        caption = phrase_for(obj1, scene.relation, obj2)  # BLIP-style: lower case, no period
+        records.append(
+            {
+                "id": f"synthetic-pretrain-{i:06d}",
+                "image": image,
+                "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
+            }
+        )
+    return records
+
+
+def build_mix_records(
+    tree: TreeWriter, prefix: str, *, seed: int, n_image: int, n_text: int
+) -> list[dict[str, Any]]:
+    """665K-shaped records: multi-turn image conversations, plus text-only ones (no ``image`` key)."""
+    records = []
+    relations = KIND_RELATIONS["A"]
+    for i in range(1, n_image + 1):
+        scene = build_random_scene(seed, relations[(i - 1) % len(relations)], "llava", "mix", i)
+        image = f"mix/{i:06d}.jpg"
+        tree.write_jpeg(f"{prefix}/{LLAVA_IMAGES}/{image}", render_scene(scene))
+        obj1, obj2 = (o.name for o in scene.objects)
+        if scene.relation in ("left", "right"):
+            leftmost = obj1 if scene.relation == "left" else obj2
+            follow_q, follow_a = "Which object is on the left?", f"The {leftmost} is on the left."
+        else:
+            top = obj1 if scene.relation == "on" else obj2
+            follow_q, follow_a = "Which object is on top?", f"The {top} is on top."
+        records.append(
+            {
+                "id": f"synthetic-mix-{i:06d}",
+                "image": image,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\nWhere is the {obj1} relative to the {obj2}?"},
+                    {"from": "gpt", "value": _sentence(obj1, scene.relation, obj2)},
+                    {"from": "human", "value": follow_q},
+                    {"from": "gpt", "value": follow_a},
+                ],
+            }
+        )
+    for i in range(1, n_text + 1):
+        scene = build_random_scene(seed, relations[(i - 1) % len(relations)], "llava", "text", i)
+        obj1, obj2 = (o.name for o in scene.objects)
+        phrase = RELATION_PHRASES[scene.relation]
+        fact = f"{with_article(obj1).capitalize()} is {phrase} {with_article(obj2)}."
+        question = f"{fact} Where is the {obj2} relative to the {obj1}?"
+        records.append(
+            {
+                "id": f"synthetic-text-{i:06d}",
+                "conversations": [
+                    {"from": "human", "value": question},
+                    {"from": "gpt", "value": _sentence(obj2, OPPOSITE[scene.relation], obj1)},
+                ],
+            }
+        )
+    make_rng(seed, "llava", "mix-order").shuffle(records)  # text-only samples interleaved, as in the real mix
+    return records
+
+
+def write_llava(tree: TreeWriter, prefix: str, *, seed: int, pairs: int) -> dict[str, int]:
+    """LLaVA-1.5 style split: 4 x pairs captions and image chats, max(1, pairs // 2) text-only chats."""
+    pretrain = build_pretrain_records(tree, prefix, seed=seed, n=4 * pairs)
+    mix = build_mix_records(tree, prefix, seed=seed, n_image=4 * pairs, n_text=max(1, pairs // 2))
+    tree.write_json(f"{prefix}/{LLAVA_PRETRAIN}", pretrain)
+    tree.write_json(f"{prefix}/{LLAVA_MIX}", mix)
+    n_text = sum("image" not in r for r in mix)
+    return {"llava_pretrain": len(pretrain), "llava_mix": len(mix), "llava_mix_text_only": n_text}
