@@ -1,0 +1,1 @@
+"""Scorers (Ray Data callable-class contract), prompt templates and the in-process reference runner."""
