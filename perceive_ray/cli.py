@@ -22,11 +22,12 @@ class CliError(Exception):
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from perceive_ray.config import ConfigError
+    from perceive_ray.data.images import ImageError
     from perceive_ray.data.manifest import ManifestError
     from perceive_ray.metrics.base import MetricError
     from perceive_ray.metrics.scores import ScoresError
 
-    return (CliError, ConfigError, ManifestError, ScoresError, MetricError, registry.RegistryError)
+    return (CliError, ConfigError, ImageError, ManifestError, ScoresError, MetricError, registry.RegistryError)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -84,6 +85,13 @@ def cmd_data_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_tiny(args: argparse.Namespace) -> int:
+    save = registry.resolve("tiny", args.family)
+    path = save(Path(args.out), seed=args.seed)
+    print(f"tiny {args.family} model written to {path}; load it with model.family={args.family} model.source={path}")
+    return 0
+
+
 def cmd_metrics(args: argparse.Namespace) -> int:
     from perceive_ray.data.catalog import load_benchmark
     from perceive_ray.metrics.compute import compute_metrics
@@ -106,6 +114,52 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     for note in report.notes:
         print(f"warning: {note}", file=sys.stderr)
     return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from perceive_ray.config import dump_config, load_config
+    from perceive_ray.data.catalog import load_benchmark
+    from perceive_ray.metrics.compute import compute_metrics
+    from perceive_ray.scoring.local import build_scorer, run_local, write_scores
+
+    config = load_config(args.experiment, args.overrides, smoke=args.smoke)
+    # Every dataset is read and checked before the model loads, so bad input costs no model time.
+    manifests = [(bench, load_benchmark(bench.name, bench.root, strict_sizes=bench.strict_sizes))
+                 for bench in config.benchmarks]
+    out_dir = Path(args.out) if args.out else config.output_dir / config.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(dump_config(config))
+    scorer = build_scorer(config.model, config.scorer)
+    for bench, manifest in manifests:
+        for warning in manifest.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        result = run_local(manifest, scorer, batch_size=config.scorer.batch_size, limit=bench.limit,
+                           on_error=args.on_error, progress=True)
+        bench_dir = out_dir / bench.name
+        write_scores(result.scores, bench_dir / "scores.parquet")
+        if result.errors:
+            (bench_dir / "errors.json").write_text(json.dumps(result.errors, indent=2))
+            print(f"warning: {len(result.errors)} unreadable image(s) skipped; see {bench_dir / 'errors.json'}",
+                  file=sys.stderr)
+        scored = manifest if bench.limit is None and not result.errors else _scored_subset(manifest, result.scores)
+        report = compute_metrics(scored, result.scores, tie_policy=config.metrics.tie_policy,
+                                 label_errata=config.metrics.label_errata,
+                                 max_nan_fraction=config.metrics.max_nan_fraction,
+                                 source=str(bench_dir / "scores.parquet"))
+        payload = report.to_dict() | {"items_scored": len(scored), "items_in_benchmark": len(manifest),
+                                      "seconds": round(result.seconds, 3)}
+        (bench_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+        print(format_report(report.to_dict()))
+        print(f"scores: {bench_dir / 'scores.parquet'}  ({len(scored)}/{len(manifest)} items)\n")
+    return 0
+
+
+def _scored_subset(manifest, scores):
+    """The manifest restricted to the items that were scored (a --limit run or skipped unreadable images)."""
+    from dataclasses import replace
+
+    scored_ids = set(scores.column("item_id").to_pylist())
+    return replace(manifest, items=tuple(item for item in manifest.items if item.item_id in scored_ids))
 
 
 def format_report(report: dict) -> str:
@@ -161,6 +215,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-sizes", action="store_true", help="make a size that differs from the published one an error")
     p.set_defaults(func=cmd_data_manifest)
 
+    model = sub.add_parser("model", help="model tools: tiny random-init models for smoke runs",
+                           description="Model tools.")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    p = model_sub.add_parser(
+        "tiny", help="write a tiny random-init model in the layout its family's loader reads",
+        description="Write a tiny random-init model (seconds on a CPU) to --out; smoke runs point model.source at "
+        "it. The loader that reads it is the one that reads real checkpoints.",
+    )
+    p.add_argument("family", choices=registry.names("tiny"))
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_model_tiny)
+
+    p = sub.add_parser(
+        "score", help="score an experiment's benchmarks in one process (the reference path, no Ray)",
+        description="Load the experiment's model and scorer once, score every benchmark it lists in this process, "
+        "and write <out>/<benchmark>/scores.parquet and metrics.json (default out: <output_dir>/<name>). "
+        "Datasets are checked before the model loads.",
+    )
+    p.add_argument("experiment", help="experiment YAML")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. scorer.batch_size=8 benchmarks.0.root=DIR")
+    p.add_argument("--smoke", action="store_true", help="apply the experiment's smoke block (tiny model, CPU)")
+    p.add_argument("--out", help="output folder (default: <output_dir>/<name>)")
+    p.add_argument("--on-error", choices=("fail", "record"), default="fail",
+                   help="unreadable images: stop (default) or skip their items and list them in errors.json")
+    p.set_defaults(func=cmd_score)
+
     p = sub.add_parser(
         "metrics", help="compute a benchmark's metrics from a scores table",
         description="Compute metrics (PROTOCOLS §2) from a scores Parquet (item_id, image_index, text_index, "
@@ -181,7 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Dotted overrides may come after options (`score exp.yaml --smoke a.b=1`); argparse leaves those over.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(arg.startswith("-") or "=" not in arg for arg in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except _bad_input_errors() as exc:

@@ -64,9 +64,20 @@ _ENTRIES: dict[str, dict[str, str]] = {
         "sugarcrepe": f"{_METRICS}.sugarcrepe:compute_sugarcrepe",
         "seetrue": f"{_METRICS}.auc:compute_seetrue",
     },
-    # Filled by the scoring, model and training work; the mechanism is the same.
-    "scorers": {},
-    "models": {},
+    # Scorers: callable classes Scorer(model: ModelConfig, scorer: ScorerConfig); see perceive_ray.scoring.base.
+    "scorers": {
+        "clip_cosine": "perceive_ray.scoring.clip_cosine:ClipCosineScorer",
+    },
+    # Model families: load_*(model: ModelConfig) -> bundle (model, preprocess, tokenizer, ...).
+    "models": {
+        "clip": "perceive_ray.models.clip:load_clip",
+    },
+    # Tiny random-init models, written in the same on-disk layout the family's loader reads:
+    # save_tiny_*(path, *, seed=0) -> Path.
+    "tiny": {
+        "clip": "perceive_ray.models.clip:save_tiny_clip",
+    },
+    # Filled by the training work; the mechanism is the same.
     "jobs": {},
 }
 

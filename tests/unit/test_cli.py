@@ -134,3 +134,9 @@ def test_synth_then_metrics_end_to_end(tmp_path, capsys):
                      str(scores)]) == 0
         table = capsys.readouterr().out
         assert "2way/set_acc" in table and "100.00%" in table and "6.25%" in table
+
+
+def test_every_registry_entry_resolves():
+    for kind in registry.KINDS:
+        for name in registry.names(kind):
+            assert callable(registry.resolve(kind, name)), f"{kind}/{name}"

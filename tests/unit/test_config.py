@@ -134,8 +134,9 @@ def test_experiments_exist():
 @pytest.mark.parametrize("path", experiment_files(), ids=lambda p: str(p.relative_to(REPO)))
 def test_every_experiment_validates(path):
     config = validate_file(path)
-    header = path.read_text().splitlines()[:8]
+    lines = path.read_text().splitlines()
+    header = lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))]
     assert header[0].startswith("# Question:"), f"{path}: the header comment block must open with '# Question:'"
-    assert any(line.startswith("# Command:") for line in header), f"{path}: header lacks '# Command:'"
-    assert any(line.startswith("# Expected runtime:") for line in header), f"{path}: header lacks '# Expected runtime:'"
+    for field in ("# Command:", "# Expected runtime", "# Published"):
+        assert any(line.startswith(field) for line in header), f"{path}: header lacks {field!r}"
     assert config.smoke, f"{path}: every experiment needs a smoke block"
