@@ -67,6 +67,10 @@ _ENTRIES: dict[str, dict[str, str]] = {
     # Scorers: callable classes Scorer(model: ModelConfig, scorer: ScorerConfig); see perceive_ray.scoring.base.
     "scorers": {
         "clip_cosine": "perceive_ray.scoring.clip_cosine:ClipCosineScorer",
+        "pacl": "perceive_ray.scoring.heads:PaclScorer",
+        "pacl_rope": "perceive_ray.scoring.heads:PaclRopeScorer",
+        "sparc": "perceive_ray.scoring.heads:SparcScorer",
+        "sparc_rope": "perceive_ray.scoring.heads:SparcRopeScorer",
     },
     # Model families: load_*(model: ModelConfig) -> bundle (model, preprocess, tokenizer, ...).
     "models": {

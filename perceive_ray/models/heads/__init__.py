@@ -1,0 +1,1 @@
+"""Heads trained on frozen CLIP features: RoPE, PACL, SPARC (PROTOCOLS §5)."""
