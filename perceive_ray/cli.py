@@ -26,8 +26,9 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from perceive_ray.data.manifest import ManifestError
     from perceive_ray.metrics.base import MetricError
     from perceive_ray.metrics.scores import ScoresError
+    from perceive_ray.tracking.tracker import TrackingError
 
-    return (CliError, ConfigError, ImageError, ManifestError, ScoresError, MetricError, registry.RegistryError)
+    return (CliError, TrackingError, ConfigError, ImageError, ManifestError, ScoresError, MetricError, registry.RegistryError)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -110,6 +111,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
+        from perceive_ray.local_eval import format_report
+
         print(format_report(report.to_dict()))
     for note in report.notes:
         print(f"warning: {note}", file=sys.stderr)
@@ -117,60 +120,13 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from perceive_ray.config import dump_config, load_config
-    from perceive_ray.data.catalog import load_benchmark
-    from perceive_ray.metrics.compute import compute_metrics
-    from perceive_ray.scoring.local import build_scorer, run_local, write_scores
+    from perceive_ray.config import load_config
+    from perceive_ray.local_eval import run_local_experiment
 
     config = load_config(args.experiment, args.overrides, smoke=args.smoke)
-    # Every dataset is read and checked before the model loads, so bad input costs no model time.
-    manifests = [(bench, load_benchmark(bench.name, bench.root, strict_sizes=bench.strict_sizes))
-                 for bench in config.benchmarks]
-    out_dir = Path(args.out) if args.out else config.output_dir / config.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(dump_config(config))
-    scorer = build_scorer(config.model, config.scorer)
-    for bench, manifest in manifests:
-        for warning in manifest.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
-        result = run_local(manifest, scorer, batch_size=config.scorer.batch_size, limit=bench.limit,
-                           on_error=args.on_error, progress=True)
-        bench_dir = out_dir / bench.name
-        write_scores(result.scores, bench_dir / "scores.parquet")
-        if result.errors:
-            (bench_dir / "errors.json").write_text(json.dumps(result.errors, indent=2))
-            print(f"warning: {len(result.errors)} unreadable image(s) skipped; see {bench_dir / 'errors.json'}",
-                  file=sys.stderr)
-        scored = manifest if bench.limit is None and not result.errors else _scored_subset(manifest, result.scores)
-        report = compute_metrics(scored, result.scores, tie_policy=config.metrics.tie_policy,
-                                 label_errata=config.metrics.label_errata,
-                                 max_nan_fraction=config.metrics.max_nan_fraction,
-                                 source=str(bench_dir / "scores.parquet"))
-        payload = report.to_dict() | {"items_scored": len(scored), "items_in_benchmark": len(manifest),
-                                      "seconds": round(result.seconds, 3)}
-        (bench_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
-        print(format_report(report.to_dict()))
-        print(f"scores: {bench_dir / 'scores.parquet'}  ({len(scored)}/{len(manifest)} items)\n")
+    run_local_experiment(config, out_dir=Path(args.out) if args.out else None, on_error=args.on_error,
+                         track=not args.no_track)
     return 0
-
-
-def _scored_subset(manifest, scores):
-    """The manifest restricted to the items that were scored (a --limit run or skipped unreadable images)."""
-    from dataclasses import replace
-
-    scored_ids = set(scores.column("item_id").to_pylist())
-    return replace(manifest, items=tuple(item for item in manifest.items if item.item_id in scored_ids))
-
-
-def format_report(report: dict) -> str:
-    lines = [f"{report['benchmark']}  (tie_policy={report['tie_policy']}, label_errata={report['label_errata']})",
-             f"{'metric':<40} {'value':>8} {'chance':>8} {'n':>12}"]
-    counts = report["counts"]
-    for key, value in report["metrics"].items():
-        n = f"{counts.get(key + '/correct', '')}/{counts.get(key + '/total', '')}"
-        lines.append(f"{key:<40} {100 * value:>7.2f}% {100 * report['chance'][key]:>7.2f}% {n:>12}")
-    lines.append(f"exact ties: {counts.get('ties', 0)}")
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <output_dir>/<name>)")
     p.add_argument("--on-error", choices=("fail", "record"), default="fail",
                    help="unreadable images: stop (default) or skip their items and list them in errors.json")
+    p.add_argument("--no-track", action="store_true",
+                   help="do not log to MLflow (default: tracking.uri, else MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser(
