@@ -86,6 +86,18 @@ def cmd_data_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from perceive_ray.config import load_config
+    from perceive_ray.run.inference import RunMismatchError, run_eval
+
+    config = load_config(args.experiment, args.overrides, smoke=args.smoke)
+    try:
+        run_eval(config, run_id=args.run_id, address=args.address, track=not args.no_track, on_error=args.on_error)
+    except RunMismatchError as exc:
+        raise CliError(str(exc)) from exc
+    return 0
+
+
 def cmd_model_tiny(args: argparse.Namespace) -> int:
     save = registry.resolve("tiny", args.family)
     path = save(Path(args.out), seed=args.seed)
@@ -183,6 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_model_tiny)
+
+    p = sub.add_parser(
+        "eval", help="evaluate an experiment through the Ray Data pipeline (local Ray or a cluster); resumable",
+        description="Score every benchmark of the experiment with Ray Data (images decoded in CPU tasks, the scorer "
+        "in an actor pool sized by resources.*), streaming shards to <output_dir>/<run id>/<benchmark>/; "
+        "re-running the same run id skips rows already scored. Logs one MLflow run per benchmark. Without "
+        "--address / RAY_ADDRESS a local Ray instance is started.",
+    )
+    p.add_argument("experiment", help="experiment YAML")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. resources.num_actors=4")
+    p.add_argument("--smoke", action="store_true", help="apply the experiment's smoke block (tiny model, CPU)")
+    p.add_argument("--run-id", help="run directory name under output_dir (default: the experiment name)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local instance)")
+    p.add_argument("--on-error", choices=("record", "fail"), default=None,
+                   help="unreadable images: error rows (default, from the config's on_error) or stop the run")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
         "score", help="score an experiment's benchmarks in one process (the reference path, no Ray)",

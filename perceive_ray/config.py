@@ -93,6 +93,7 @@ class ExperimentConfig(StrictModel):
     resources: ResourcesConfig = ResourcesConfig()
     tracking: TrackingConfig = TrackingConfig()
     output_dir: Path = Path("runs")
+    on_error: Literal["record", "fail"] = "record"  # unreadable images: error rows, or stop the run
     smoke: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
