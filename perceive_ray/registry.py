@@ -67,6 +67,7 @@ _ENTRIES: dict[str, dict[str, str]] = {
     # Scorers: callable classes Scorer(model: ModelConfig, scorer: ScorerConfig); see perceive_ray.scoring.base.
     "scorers": {
         "clip_cosine": "perceive_ray.scoring.clip_cosine:ClipCosineScorer",
+        "vqascore": "perceive_ray.scoring.vqascore:VQAScoreScorer",
         "pacl": "perceive_ray.scoring.heads:PaclScorer",
         "pacl_rope": "perceive_ray.scoring.heads:PaclRopeScorer",
         "sparc": "perceive_ray.scoring.heads:SparcScorer",
@@ -75,11 +76,13 @@ _ENTRIES: dict[str, dict[str, str]] = {
     # Model families: load_*(model: ModelConfig) -> bundle (model, preprocess, tokenizer, ...).
     "models": {
         "clip": "perceive_ray.models.clip:load_clip",
+        "llava": "perceive_ray.models.llava:load_llava",
     },
     # Tiny random-init models, written in the same on-disk layout the family's loader reads:
     # save_tiny_*(path, *, seed=0) -> Path.
     "tiny": {
         "clip": "perceive_ray.models.clip:save_tiny_clip",
+        "llava": "perceive_ray.models.llava:save_tiny_llava",
     },
     # Filled by the training work; the mechanism is the same.
     "jobs": {},
