@@ -98,6 +98,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_llava(args: argparse.Namespace) -> int:
+    from perceive_ray.models.convert import convert_llava
+
+    path = convert_llava(Path(args.src), Path(args.dst), template=args.template,
+                         vision_tower_dir=Path(args.vision_tower) if args.vision_tower else None, dtype=args.dtype)
+    print(f"converted {args.src} -> {path}; load it with model.family=llava model.source={path}")
+    return 0
+
+
 def cmd_model_tiny(args: argparse.Namespace) -> int:
     save = registry.resolve("tiny", args.family)
     path = save(Path(args.out), seed=args.seed)
@@ -195,6 +204,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_model_tiny)
+
+    convert = sub.add_parser("convert", help="convert checkpoints to the layouts the loaders read",
+                             description="Checkpoint conversion.")
+    convert_sub = convert.add_subparsers(dest="convert_command", required=True, metavar="FAMILY")
+    p = convert_sub.add_parser(
+        "llava", help="original LLaVA / LLaVA++ checkpoint -> transformers Llava layout",
+        description="Convert a checkpoint in the original haotian-liu/LLaVA or LLaVA++ layout (LLaVA-1.5, the "
+        "MBZUAI Phi-3-V / LLaMA-3-V models, the LLaVA patch/cls LoRA-merged releases) into the transformers "
+        "Llava layout (safetensors) with a perceive_ray.json sidecar (template, select feature).",
+    )
+    p.add_argument("src", help="folder with the original config.json, weights and tokenizer")
+    p.add_argument("dst", help="output folder (must not exist or be empty)")
+    p.add_argument("--template", choices=("chat", "phi3_instruct", "llama3"),
+                   help="conversation template (default: inferred from the language model)")
+    p.add_argument("--vision-tower", help="local folder of the CLIP vision tower (default: mm_vision_tower)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="output dtype (default: as stored)")
+    p.set_defaults(func=cmd_convert_llava)
 
     p = sub.add_parser(
         "eval", help="evaluate an experiment through the Ray Data pipeline (local Ray or a cluster); resumable",
