@@ -107,6 +107,18 @@ def cmd_convert_llava(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from perceive_ray.run.demo import run_demo
+
+    experiments = Path(args.experiments_dir)
+    if not (experiments / "eval" / "clip_whatsup.yaml").is_file():
+        raise CliError(f"{experiments}: no eval/clip_whatsup.yaml here; run from the repository root or pass "
+                       "--experiments-dir")
+    run_demo(Path(args.workdir), experiments_dir=experiments / "eval", seed=args.seed, pairs=args.pairs,
+             tracking_uri=args.tracking_uri, address=args.address)
+    return 0
+
+
 def cmd_model_tiny(args: argparse.Namespace) -> int:
     save = registry.resolve("tiny", args.family)
     path = save(Path(args.out), seed=args.seed)
@@ -221,6 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-tower", help="local folder of the CLIP vision tower (default: mm_vision_tower)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="output dtype (default: as stored)")
     p.set_defaults(func=cmd_convert_llava)
+
+    p = sub.add_parser(
+        "demo", help="the main job on embedded defaults: synthetic What'sUp, tiny CLIP and LLaVA, Ray, MLflow",
+        description="Generate the synthetic What'sUp benchmark, build a tiny CLIP and a tiny LLaVA, evaluate both "
+        "through the Ray Data pipeline (local Ray) with the real experiment files in smoke mode, log both runs to a "
+        "local MLflow store, and print a What'sUp 2-way table with chance levels and the `mlflow ui` command.",
+    )
+    p.add_argument("--workdir", default="runs/demo", help="where data, tiny models, runs and mlflow.db go")
+    p.add_argument("--pairs", type=int, default=8, help="object pairs per What'sUp subset (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--experiments-dir", default="experiments", help="the repository's experiments/ folder")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<workdir>/mlflow.db)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local instance)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
         "eval", help="evaluate an experiment through the Ray Data pipeline (local Ray or a cluster); resumable",

@@ -18,7 +18,7 @@ from perceive_ray.data.manifest import Manifest
 from perceive_ray.metrics.base import MetricReport
 from perceive_ray.metrics.compute import compute_metrics
 from perceive_ray.scoring.local import build_scorer, run_local, write_scores
-from perceive_ray.tracking.run_record import build_run_record, record_tags
+from perceive_ray.tracking.run_record import build_run_record, experiment_tags
 from perceive_ray.tracking.tracker import Tracker, build_tracker, resolve_tracking_uri
 
 
@@ -50,23 +50,22 @@ def run_local_experiment(
     (out_dir / "run_record.json").write_text(json.dumps(record, indent=2, sort_keys=True))
     scorer = build_scorer(config.model, config.scorer)
     reports = []
-    for bench, manifest in manifests:
-        tags = record_tags(record | {"dataset_hashes": {bench.name: manifest.source_hashes}}) | {
-            "benchmark": bench.name, "scorer": config.scorer.name, "model.family": config.model.family,
-            "model.source": config.model.source, "model.pretrained": str(config.model.pretrained),
-            "tie_policy": config.metrics.tie_policy, "label_errata": config.metrics.label_errata,
-            "runner": "local"}
-        tracker.start(f"{config.name}/{bench.name}", config.model_dump(mode="json"), tags)
-        try:
+    # One tracked run per evaluation; metric names carry the benchmark ({benchmark}/{metric}).
+    tracker.start(out_dir.name, config.model_dump(mode="json"),
+                  experiment_tags(config, record, runner="local", run_id=out_dir.name))
+    try:
+        for bench, manifest in manifests:
             report, bench_dir = _score_benchmark(config, bench, manifest, scorer, out_dir, on_error)
-            _log(tracker, bench.name, report, bench_dir, out_dir)
-        except BaseException:
-            tracker.finish("FAILED")
-            raise
-        tracker.finish()
-        reports.append(report)
-        if getattr(tracker, "run_id", ""):
-            print(f"tracked: run {tracker.run_id}")
+            log_benchmark(tracker, bench.name, report, bench_dir)
+            reports.append(report)
+        tracker.log_artifact(out_dir / "config.yaml")
+        tracker.log_artifact(out_dir / "run_record.json")
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    if getattr(tracker, "run_id", ""):
+        print(f"tracked: run {tracker.run_id}")
     if track:
         uri = resolve_tracking_uri(config.tracking.uri)
         print(f"open the runs with: mlflow ui --host 127.0.0.1 --backend-store-uri {uri}"
@@ -74,13 +73,12 @@ def run_local_experiment(
     return reports
 
 
-def _log(tracker: Tracker, benchmark: str, report: MetricReport, bench_dir: Path, out_dir: Path) -> None:
+def log_benchmark(tracker: Tracker, benchmark: str, report: MetricReport, bench_dir: Path) -> None:
+    """Metrics as ``{benchmark}/{metric}`` and the benchmark's files under the artifact folder ``{benchmark}/``."""
     tracker.log_metrics({f"{benchmark}/{key}": value for key, value in report.metrics.items()})
-    for name in ("scores.parquet", "metrics.json", "errors.json"):
+    for name in ("scores.parquet", "metrics.json", "errors.json", "errors.parquet"):
         if (bench_dir / name).is_file():
-            tracker.log_artifact(bench_dir / name)
-    tracker.log_artifact(out_dir / "config.yaml")
-    tracker.log_artifact(out_dir / "run_record.json")
+            tracker.log_artifact(bench_dir / name, benchmark)
 
 
 def _score_benchmark(config: ExperimentConfig, bench: BenchmarkConfig, manifest: Manifest, scorer, out_dir: Path,

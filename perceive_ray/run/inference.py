@@ -24,12 +24,12 @@ from perceive_ray.config import ExperimentConfig, dump_config
 from perceive_ray.data.catalog import load_benchmark
 from perceive_ray.data.images import ImageError, load_rgb, scoring_rows
 from perceive_ray.data.manifest import Manifest
-from perceive_ray.local_eval import format_report
+from perceive_ray.local_eval import format_report, log_benchmark
 from perceive_ray.metrics.base import MetricReport
 from perceive_ray.metrics.compute import compute_metrics
 from perceive_ray.run.shards import ShardWriter, assemble, complete_items, done_rows, read_shards
 from perceive_ray.scoring.local import build_scorer, write_scores
-from perceive_ray.tracking.run_record import build_run_record, record_tags
+from perceive_ray.tracking.run_record import build_run_record, experiment_tags
 from perceive_ray.tracking.tracker import build_tracker, resolve_tracking_uri
 
 # Keys of the resolved config that decide the scores; a resumed run must agree on all of them.
@@ -146,31 +146,23 @@ def run_eval(config: ExperimentConfig, *, run_id: str | None = None, address: st
     (run_dir / "run_record.json").write_text(json.dumps(record, indent=2, sort_keys=True))
     started = init_ray(address)
     results = []
+    tracker.start(run_dir.name, config.model_dump(mode="json"),
+                  experiment_tags(config, record, runner="ray_data", run_id=run_dir.name))
     try:
         for bench, manifest in manifests:
-            tags = record_tags(record | {"dataset_hashes": {bench.name: manifest.source_hashes}}) | {
-                "benchmark": bench.name, "scorer": config.scorer.name, "model.family": config.model.family,
-                "model.source": config.model.source, "model.pretrained": str(config.model.pretrained),
-                "tie_policy": config.metrics.tie_policy, "label_errata": config.metrics.label_errata,
-                "runner": "ray_data", "run_id": run_dir.name}
-            tracker.start(f"{run_dir.name}/{bench.name}", config.model_dump(mode="json"), tags)
-            try:
-                result = _run_benchmark(config, bench.limit, manifest, run_dir / bench.name, on_error)
-            except BaseException:
-                tracker.finish("FAILED")
-                raise
-            tracker.log_metrics({f"{bench.name}/{k}": v for k, v in result.report.metrics.items()})
-            tracker.log_metrics({f"{bench.name}/errors": float(result.errors)})
-            for path in (result.scores_path, result.scores_path.with_name("metrics.json"),
-                         result.scores_path.with_name("errors.parquet"), run_dir / "config.yaml",
-                         run_dir / "run_record.json"):
-                if path.is_file():
-                    tracker.log_artifact(path)
-            tracker.finish()
+            result = _run_benchmark(config, bench.limit, manifest, run_dir / bench.name, on_error)
+            log_benchmark(tracker, bench.name, result.report, result.scores_path.parent)
+            tracker.log_metrics({f"{bench.name}/image_errors": float(result.errors)})
             results.append(result)
+        tracker.log_artifact(run_dir / "config.yaml")
+        tracker.log_artifact(run_dir / "run_record.json")
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
     finally:
         if started:
             ray.shutdown()
+    tracker.finish()
     if track:
         uri = resolve_tracking_uri(config.tracking.uri)
         print(f"open the runs with: mlflow ui --host 127.0.0.1 --backend-store-uri {uri}"

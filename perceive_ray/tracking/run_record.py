@@ -54,3 +54,18 @@ def record_tags(record: Mapping[str, Any]) -> dict[str, str]:
     for bench, hashes in record["dataset_hashes"].items():
         tags.update({f"dataset.{bench}.{file}": digest for file, digest in hashes.items()})
     return tags
+
+
+def experiment_tags(config: Any, record: Mapping[str, Any], *, runner: str, run_id: str) -> dict[str, str]:
+    """Tags of one tracked evaluation: the run record plus scorer/model ids, tie policy, errata, benchmarks."""
+    return record_tags(record) | {
+        "benchmarks": ",".join(b.name for b in config.benchmarks),
+        "scorer": config.scorer.name,
+        "model.family": config.model.family,
+        "model.source": config.model.source,
+        "model.pretrained": str(config.model.pretrained),
+        "tie_policy": config.metrics.tie_policy,
+        "label_errata": config.metrics.label_errata,
+        "runner": runner,
+        "run_id": run_id,
+    }

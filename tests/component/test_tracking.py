@@ -41,19 +41,23 @@ def test_score_logs_runs_to_server(server, workdir, monkeypatch, capsys):
     client = MlflowClient(server)
     experiment = client.get_experiment_by_name("tracking_test")
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["clip_vit_l14_336_whatsup/whatsup_controlled_a",
-                                                   "clip_vit_l14_336_whatsup/whatsup_controlled_b"]
-    run = next(r for r in runs if r.info.run_name.endswith("_a"))
+    assert [r.info.run_name for r in runs] == ["out"]  # one run per evaluation, named after its run dir
+    run = runs[0]
     assert run.info.status == "FINISHED"
-    local = json.loads((workdir / "out" / "whatsup_controlled_a" / "metrics.json").read_text())
-    assert run.data.metrics["whatsup_controlled_a/2way/individual_acc"] == local["metrics"]["2way/individual_acc"]
+    for benchmark in ("whatsup_controlled_a", "whatsup_controlled_b"):
+        local = json.loads((workdir / "out" / benchmark / "metrics.json").read_text())
+        for key, value in local["metrics"].items():
+            assert run.data.metrics[f"{benchmark}/{key}"] == value
     assert run.data.params["scorer.name"] == "clip_cosine" and run.data.params["benchmarks.0.limit"] == "8"
     tags = run.data.tags
     assert tags["tie_policy"] == "strict" and tags["label_errata"] == "original" and tags["scorer"] == "clip_cosine"
+    assert tags["benchmarks"] == "whatsup_controlled_a,whatsup_controlled_b" and tags["runner"] == "local"
     assert tags["version.torch"] and tags["git_sha"]
     assert len(tags["dataset.whatsup_controlled_a.controlled_images_dataset.json"]) == 64
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"scores.parquet", "metrics.json", "config.yaml", "run_record.json"} <= artifacts
+    assert {"whatsup_controlled_a", "whatsup_controlled_b", "config.yaml", "run_record.json"} <= artifacts
+    inner = {a.path for a in client.list_artifacts(run.info.run_id, "whatsup_controlled_a")}
+    assert {"whatsup_controlled_a/scores.parquet", "whatsup_controlled_a/metrics.json"} <= inner
 
 
 def test_unreachable_server_fails_fast(workdir, monkeypatch, capsys):
