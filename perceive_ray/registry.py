@@ -83,6 +83,9 @@ _ENTRIES: dict[str, dict[str, str]] = {
     "tiny": {
         "clip": "perceive_ray.models.clip:save_tiny_clip",
         "llava": "perceive_ray.models.llava:save_tiny_llava",
+        "llava_phi3": "perceive_ray.models.llava:save_tiny_llava_phi3",
+        "llava_llama3": "perceive_ray.models.llava:save_tiny_llava_llama3",
+        "llava_cls": "perceive_ray.models.llava:save_tiny_llava_cls",
     },
     # Filled by the training work; the mechanism is the same.
     "jobs": {},

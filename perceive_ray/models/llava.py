@@ -268,3 +268,18 @@ def save_tiny_llava(path: str | Path, *, template: str = "chat", select_feature:
                           crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
     (path / SIDECAR).write_text(json.dumps({"template": template}, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def save_tiny_llava_phi3(path: str | Path, *, seed: int = 0) -> Path:
+    """Tiny LLaVA with the ``phi3_instruct`` template (stands in for a converted LLaVA-Phi-3-mini)."""
+    return save_tiny_llava(path, template="phi3_instruct", seed=seed)
+
+
+def save_tiny_llava_llama3(path: str | Path, *, seed: int = 0) -> Path:
+    """Tiny LLaVA with the ``llama3`` template (stands in for a converted LLaVA-Meta-Llama-3-8B)."""
+    return save_tiny_llava(path, template="llama3", seed=seed)
+
+
+def save_tiny_llava_cls(path: str | Path, *, seed: int = 0) -> Path:
+    """Tiny LLaVA-cls: one visual token, the penultimate-layer CLS (stands in for the LoRA cls release)."""
+    return save_tiny_llava(path, select_feature="cls", seed=seed)

@@ -1,0 +1,45 @@
+"""Every experiment's smoke block runs: the same file that targets a GPU cluster runs here on tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from perceive_ray import registry
+from perceive_ray.cli import main
+from perceive_ray.config import load_config
+from perceive_ray.data.synthetic import generate
+
+REPO = Path(__file__).resolve().parents[2]
+EXPERIMENTS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if "_base" not in p.parts)
+TINY_PREFIX = "runs/tiny/"
+
+
+def tiny_name(path: Path) -> str:
+    source = load_config(path, smoke=True).model.source
+    assert source.startswith(TINY_PREFIX), f"{path}: smoke model.source must be {TINY_PREFIX}<tiny family>"
+    return source[len(TINY_PREFIX):]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("smoke")
+    generate(path / "synth", seed=0, pairs=2)
+    for name in sorted({tiny_name(p) for p in EXPERIMENTS}):
+        registry.resolve("tiny", name)(path / "runs" / "tiny" / name, seed=0)
+    return path
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
+def test_smoke_block_runs(experiment, workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = workdir / "out" / experiment.stem
+    assert main(["score", str(experiment), "--smoke", "--no-track", "--out", str(out)]) == 0, capsys.readouterr().err
+    config = load_config(experiment, smoke=True)
+    for bench in config.benchmarks:
+        metrics = json.loads((out / bench.name / "metrics.json").read_text())
+        assert metrics["items_scored"] == min(bench.limit or 10**9, metrics["items_in_benchmark"])
+        assert metrics["metrics"], f"{experiment.name}: no metrics for {bench.name}"
