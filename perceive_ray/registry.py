@@ -86,6 +86,9 @@ _ENTRIES: dict[str, dict[str, str]] = {
         "llava_phi3": "perceive_ray.models.llava:save_tiny_llava_phi3",
         "llava_llama3": "perceive_ray.models.llava:save_tiny_llava_llama3",
         "llava_cls": "perceive_ray.models.llava:save_tiny_llava_cls",
+        "pacl": "perceive_ray.models.heads.tiny:save_tiny_pacl",
+        "pacl_rope": "perceive_ray.models.heads.tiny:save_tiny_pacl_rope",
+        "sparc_rope": "perceive_ray.models.heads.tiny:save_tiny_sparc_rope",
     },
     # Filled by the training work; the mechanism is the same.
     "jobs": {},

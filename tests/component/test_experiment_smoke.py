@@ -20,7 +20,7 @@ TINY_PREFIX = "runs/tiny/"
 def tiny_name(path: Path) -> str:
     source = load_config(path, smoke=True).model.source
     assert source.startswith(TINY_PREFIX), f"{path}: smoke model.source must be {TINY_PREFIX}<tiny family>"
-    return source[len(TINY_PREFIX):]
+    return source[len(TINY_PREFIX):].split("/")[0]  # runs/tiny/<name>[/part]
 
 
 @pytest.fixture(scope="module")
