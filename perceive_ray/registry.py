@@ -68,6 +68,7 @@ _ENTRIES: dict[str, dict[str, str]] = {
     "scorers": {
         "clip_cosine": "perceive_ray.scoring.clip_cosine:ClipCosineScorer",
         "vqascore": "perceive_ray.scoring.vqascore:VQAScoreScorer",
+        "vlm2vec": "perceive_ray.scoring.vlm2vec:Vlm2VecScorer",
         "pacl": "perceive_ray.scoring.heads:PaclScorer",
         "pacl_rope": "perceive_ray.scoring.heads:PaclRopeScorer",
         "sparc": "perceive_ray.scoring.heads:SparcScorer",
@@ -77,6 +78,7 @@ _ENTRIES: dict[str, dict[str, str]] = {
     "models": {
         "clip": "perceive_ray.models.clip:load_clip",
         "llava": "perceive_ray.models.llava:load_llava",
+        "vlm2vec": "perceive_ray.models.vlm2vec:load_vlm2vec",
     },
     # Tiny random-init models, written in the same on-disk layout the family's loader reads:
     # save_tiny_*(path, *, seed=0) -> Path.
@@ -86,6 +88,7 @@ _ENTRIES: dict[str, dict[str, str]] = {
         "llava_phi3": "perceive_ray.models.llava:save_tiny_llava_phi3",
         "llava_llama3": "perceive_ray.models.llava:save_tiny_llava_llama3",
         "llava_cls": "perceive_ray.models.llava:save_tiny_llava_cls",
+        "vlm2vec": "perceive_ray.models.vlm2vec:save_tiny_vlm2vec",
         "pacl": "perceive_ray.models.heads.tiny:save_tiny_pacl",
         "pacl_rope": "perceive_ray.models.heads.tiny:save_tiny_pacl_rope",
         "sparc_rope": "perceive_ray.models.heads.tiny:save_tiny_sparc_rope",

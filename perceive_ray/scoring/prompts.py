@@ -100,3 +100,19 @@ def render_answer_part(template: str | ConversationTemplate, answer: str = VQASC
     """The teacher-forced answer: answer word + end-of-turn string (e.g. ``Yes</s>``)."""
     conv = get_template(template) if isinstance(template, str) else template
     return conv.render_answer_part(answer)
+
+
+# VLM2Vec-converted LLaVA query prompts (PROTOCOLS §3.4). The query is image + QUERY_TEMPLATE.format(prompt),
+# with no chat template; the target is the option text alone.
+VLM2VEC_PROMPTS_VERSION = "vlm2vec-1"  # bump when any rendered string below changes
+VLM2VEC_QUERY_TEMPLATE = "<image> Represent the given image with the following question: {}"
+VLM2VEC_GENERIC_PROMPT = "What is shown in the image?"  # [U]: benchmarks the paper gives no VLM2Vec prompt for
+VLM2VEC_TWO_WAY_PROMPTS = {
+    "lr": "Is the {obj1} to the left of or to the right of the {obj2}?",
+    "ou": "Is the {obj1} at the bottom of the {obj2} or at the top of the {obj2}?",
+    "fb": "Is the {obj1} in the back of the {obj2} or in the front of the {obj2}?",
+}
+VLM2VEC_FOUR_WAY_PROMPTS = {
+    "whatsup_controlled_a": "Is the {obj1} to the left of, to the right of, on, or under the {obj2}?",
+    "whatsup_controlled_b": "Is the {obj1} to the left of, to the right of, in front of, or behind the {obj2}?",
+}
