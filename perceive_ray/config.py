@@ -62,6 +62,14 @@ class ModelConfig(StrictModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
 
+    @model_validator(mode="after")
+    def _remote_code_opt_in(self) -> ModelConfig:
+        if self.trust_remote_code and self.family not in registry.REMOTE_CODE_FAMILIES:
+            allowed = ", ".join(sorted(registry.REMOTE_CODE_FAMILIES))
+            raise ValueError(f"trust_remote_code is refused for family {self.family!r}; only registry entries "
+                             f"that opt in may run hub code ({allowed})")
+        return self
+
 
 class ScorerConfig(StrictModel):
     name: str

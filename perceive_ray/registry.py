@@ -99,6 +99,10 @@ _ENTRIES: dict[str, dict[str, str]] = {
 
 KINDS = tuple(_ENTRIES)
 
+# Model families whose real checkpoints need the hub's remote code (LLM2CLIP ships its vision model as custom
+# code). Only these may set model.trust_remote_code: true; every other family loads with it off.
+REMOTE_CODE_FAMILIES = frozenset({"llm2clip"})
+
 
 class RegistryError(KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable

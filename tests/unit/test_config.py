@@ -76,6 +76,7 @@ def test_dump_round_trips(tmp_path):
         (["benchmarks.3.name=mmvp"], r"benchmarks.3 is not an index of a 1-item list"),
         (["no_equals_sign"], r"'no_equals_sign' is not of the form dotted.key=value"),
         (["seed.x=1"], r"seed is a value, not a mapping"),
+        (["model.trust_remote_code=true"], r"trust_remote_code is refused for family 'clip'"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path, overrides, message):
