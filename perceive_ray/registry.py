@@ -69,6 +69,8 @@ _ENTRIES: dict[str, dict[str, str]] = {
         "clip_cosine": "perceive_ray.scoring.clip_cosine:ClipCosineScorer",
         "vqascore": "perceive_ray.scoring.vqascore:VQAScoreScorer",
         "vlm2vec": "perceive_ray.scoring.vlm2vec:Vlm2VecScorer",
+        "llm2clip": "perceive_ray.scoring.llm2clip:Llm2ClipScorer",
+        "pacl_llm_text": "perceive_ray.scoring.heads:PaclLlmTextScorer",
         "pacl": "perceive_ray.scoring.heads:PaclScorer",
         "pacl_rope": "perceive_ray.scoring.heads:PaclRopeScorer",
         "sparc": "perceive_ray.scoring.heads:SparcScorer",
@@ -79,6 +81,7 @@ _ENTRIES: dict[str, dict[str, str]] = {
         "clip": "perceive_ray.models.clip:load_clip",
         "llava": "perceive_ray.models.llava:load_llava",
         "vlm2vec": "perceive_ray.models.vlm2vec:load_vlm2vec",
+        "llm2clip": "perceive_ray.models.llm2clip:load_llm2clip",
     },
     # Tiny random-init models, written in the same on-disk layout the family's loader reads:
     # save_tiny_*(path, *, seed=0) -> Path.
@@ -89,9 +92,11 @@ _ENTRIES: dict[str, dict[str, str]] = {
         "llava_llama3": "perceive_ray.models.llava:save_tiny_llava_llama3",
         "llava_cls": "perceive_ray.models.llava:save_tiny_llava_cls",
         "vlm2vec": "perceive_ray.models.vlm2vec:save_tiny_vlm2vec",
+        "llm2clip": "perceive_ray.models.llm2clip:save_tiny_llm2clip",
         "pacl": "perceive_ray.models.heads.tiny:save_tiny_pacl",
         "pacl_rope": "perceive_ray.models.heads.tiny:save_tiny_pacl_rope",
         "sparc_rope": "perceive_ray.models.heads.tiny:save_tiny_sparc_rope",
+        "pacl_llm_text": "perceive_ray.models.heads.tiny:save_tiny_pacl_llm_text",
     },
     # Filled by the training work; the mechanism is the same.
     "jobs": {},

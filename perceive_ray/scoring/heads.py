@@ -10,6 +10,9 @@ Options (``scorer.options``): ``head_weights`` (a ``.safetensors`` file written 
 DataParallel ``.pth``) and ``embed_dim`` (head width, 768 for the released heads); PACL: ``pacl_pooling``; SPARC:
 ``sparc_sigma``, ``sparc_eval_sigma``, ``sparc_mask_padding``, ``sparc_local``. RoPE is the scorer kind
 (``pacl`` vs ``pacl_rope``, ``sparc`` vs ``sparc_rope``), never inferred from the weights' file name.
+
+``pacl_llm_text`` (``PaclLlmTextScorer``, PROTOCOLS §5.5) runs the PACL+RoPE head on LLM2CLIP's towers instead: its
+ViT patches and LLM2Vec text through its frozen adapter (options as ``pacl`` plus ``text_embeddings`` etc.).
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ from perceive_ray.models.heads.pacl import (
 )
 from perceive_ray.models.heads.sparc import SparcHead, compute_sparc_scores, load_sparc_head
 from perceive_ray.scoring.base import ScorerOptions, ScoreRows, iter_rows, parse_options
+from perceive_ray.scoring.llm2clip import (
+    Llm2ClipTextOptions,
+    check_llm2clip_family,
+    encode_llm_checked,
+    load_llm2clip_for,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -262,3 +271,58 @@ class SparcRopeScorer(SparcScorer):
     """SPARC head with 1-D RoPE on the frozen patch features (``sparc_rope.pth``; register as ``sparc_rope``)."""
 
     ROPE = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# "+ stronger text encoder" (PROTOCOLS §5.5): the PACL head on LLM2CLIP's towers instead of the open_clip ones.
+
+class PaclLlmTextOptions(PaclOptions, Llm2ClipTextOptions):
+    """``scorer.options`` of ``pacl_llm_text``: the PACL options plus where the LLM2Vec text vectors come from."""
+
+
+class PaclLlmTextScorer:
+    """PACL+RoPE head on frozen LLM2CLIP: its ViT patches and LLM2Vec text through its adapter (PROTOCOLS §5.5).
+
+    Vision: ``vision_model(...).last_hidden_state[:, 1:]`` (N x D_v, before post-LN) of LLM2CLIP's finetuned ViT on
+    Resize((S, S)) + ImageNet-normalised pixels -> RoPE -> the PACL visual head. Text: LLM2Vec vector (online or from
+    ``text_embeddings``) -> frozen adapter ``get_text_features`` (D_proj = 1280) -> LN -> Dropout -> Linear(D_proj, E).
+    RoPE is part of the scorer kind (``pacl_rope_llm_all.pth`` is the paper's row); a stored spec must agree.
+    """
+
+    ROPE = True
+
+    def __init__(self, model: ModelConfig, scorer: ScorerConfig) -> None:
+        check_llm2clip_family(model, scorer)
+        self.options = parse_options(PaclLlmTextOptions, scorer.options, scorer=scorer.name)
+        self.bundle = load_llm2clip_for(model, self.options)
+        bundle = self.bundle
+        self.spec = HeadSpec(kind="pacl", vision_dim=bundle.vision_dim, text_dim=bundle.projection_dim,
+                             embed_dim=self.options.embed_dim, rope=self.ROPE, num_patches=bundle.num_patches)
+        try:
+            head = load_pacl_head(self.options.head_weights, self.spec, pooling=self.options.pacl_pooling)
+        except HeadLoadError as exc:
+            raise ConfigError(f"scorer.options.head_weights: {exc}") from None
+        self.head: PaclHead = head.to(bundle.device)
+
+    def pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(B, 3, S, S): ToTensor -> Resize((S, S)) -> ImageNet mean/std (the head evaluation's transform)."""
+        return torch.stack([compute_pixels(image, self.bundle.image_size) for image in images])
+
+    @torch.inference_mode()
+    def score(self, images: Sequence[np.ndarray], texts: list[str], image_of: list[int], text_of: list[int]):
+        """Diagonal scores (M,) for pairs (images[image_of[m]], texts[text_of[m]])."""
+        bundle = self.bundle
+        patches = self.head.project_patches(bundle.vision_patches(self.pixels(images)))  # (B, N, E)
+        vectors = encode_llm_checked(bundle, texts, self.options.text_batch_size)  # (U, D_llm)
+        text = self.head.project_text(bundle.adapt_text(vectors).to(bundle.device))  # (U, E)
+        image_idx = torch.tensor(image_of, device=bundle.device)
+        text_idx = torch.tensor(text_of, device=bundle.device)
+        v = compute_pooled_visual(patches[image_idx], text[text_idx], self.head.pooling)  # (M, E)
+        return compute_diagonal_scores(v, F.normalize(text[text_idx], dim=-1))
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
+        rows = list(iter_rows(batch))
+        if not rows:
+            return ScoreRows().to_batch()
+        texts, image_of, text_of = collect_pairs(rows)
+        return write_rows(rows, self.score([row["image"] for row in rows], texts, image_of, text_of))

@@ -49,3 +49,25 @@ def save_tiny_pacl_rope(path: str | Path, *, seed: int = 0) -> Path:
 def save_tiny_sparc_rope(path: str | Path, *, seed: int = 0) -> Path:
     """Tiny CLIP + random SPARC head with RoPE (multiple text tokens), sigma = 1/num_patches."""
     return save_tiny_head_bundle(path, kind="sparc", rope=True, seed=seed)
+
+
+def save_tiny_pacl_llm_text(path: str | Path, *, seed: int = 0) -> Path:
+    """Tiny LLM2CLIP dir (``<path>/llm2clip``) + a random PACL head with RoPE sized for it (LLM-text PACL, §5.5)."""
+    from perceive_ray.models.llm2clip import (
+        TINY_IMAGE_SIZE,
+        TINY_PATCH_SIZE,
+        TINY_PROJECTION_DIM,
+        TINY_VISION_DIM,
+        save_tiny_llm2clip,
+    )
+
+    path = Path(path)
+    save_tiny_llm2clip(path / "llm2clip", seed=seed)
+    grid = TINY_IMAGE_SIZE // TINY_PATCH_SIZE
+    spec = HeadSpec(kind="pacl", vision_dim=TINY_VISION_DIM, text_dim=TINY_PROJECTION_DIM, embed_dim=TINY_HEAD_EMBED,
+                    rope=True, num_patches=grid * grid, pooling="uniform")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = PaclHead(spec)
+    save_head(head.eval(), path / "head.safetensors")
+    return path
