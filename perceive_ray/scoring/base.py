@@ -86,3 +86,25 @@ class ScoreRows:
 
     def to_batch(self) -> dict[str, list]:
         return self.columns
+
+
+def score_by_cosine(batch: Mapping[str, Any], embed_images, embed_texts) -> dict[str, list]:
+    """Dual-encoder scoring: every row's image once, every distinct text once per batch, cosine of unit vectors.
+
+    ``embed_images(rows) -> (B, D)`` and ``embed_texts(texts) -> (T, D)`` return L2-normalised float tensors.
+    """
+    rows = list(iter_rows(batch))
+    out = ScoreRows()
+    if not rows:
+        return out.to_batch()
+    text_index: dict[str, int] = {}
+    for row in rows:
+        for text in row["texts"]:
+            text_index.setdefault(text, len(text_index))
+    images = embed_images(rows)  # (B, D)
+    texts = embed_texts(list(text_index))  # (T, D)
+    cosines = (images @ texts.T).double().cpu()  # (B, T)
+    for b, row in enumerate(rows):
+        for t, text in enumerate(row["texts"]):
+            out.add(row["item_id"], row["image_index"], t, float(cosines[b, text_index[text]]))
+    return out.to_batch()

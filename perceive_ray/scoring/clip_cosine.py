@@ -19,7 +19,7 @@ from perceive_ray.config import ConfigError, ModelConfig, ScorerConfig
 from perceive_ray.data.images import to_pil
 from perceive_ray.models.clip import ClipBundle, load_clip
 from perceive_ray.randomness import keyed_rng
-from perceive_ray.scoring.base import ScorerOptions, ScoreRows, iter_rows, parse_options
+from perceive_ray.scoring.base import ScorerOptions, parse_options, score_by_cosine
 
 COMPAT_PURPOSE = "clip_train_compat"
 
@@ -68,18 +68,5 @@ class ClipCosineScorer:
         return F.normalize(self.bundle.model.encode_text(tokens).float(), dim=-1)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
-        rows = list(iter_rows(batch))
-        out = ScoreRows()
-        if not rows:
-            return out.to_batch()
-        text_index: dict[str, int] = {}
-        for row in rows:
-            for text in row["texts"]:
-                text_index.setdefault(text, len(text_index))
-        images = self.embed_images(torch.stack([self.pixels(row) for row in rows]))  # (B, D)
-        texts = self.embed_texts(list(text_index))  # (T, D)
-        cosines = (images @ texts.T).double().cpu()  # (B, T)
-        for b, row in enumerate(rows):
-            for t, text in enumerate(row["texts"]):
-                out.add(row["item_id"], row["image_index"], t, float(cosines[b, text_index[text]]))
-        return out.to_batch()
+        return score_by_cosine(batch, lambda rows: self.embed_images(torch.stack([self.pixels(r) for r in rows])),
+                               self.embed_texts)

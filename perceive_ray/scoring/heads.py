@@ -178,6 +178,15 @@ def write_rows(rows: list[dict[str, Any]], scores: torch.Tensor) -> dict[str, li
     return out.to_batch()
 
 
+def score_diagonal_batch(score, batch: Mapping[str, Any]) -> dict[str, list]:
+    """Run a head scorer's ``score(images, texts, image_of, text_of)`` over a batch of scoring rows."""
+    rows = list(iter_rows(batch))
+    if not rows:
+        return ScoreRows().to_batch()
+    texts, image_of, text_of = collect_pairs(rows)
+    return write_rows(rows, score([row["image"] for row in rows], texts, image_of, text_of))
+
+
 def check_family(model: ModelConfig, scorer: ScorerConfig) -> None:
     if model.family != "clip":
         raise ConfigError(f"model.family: scorer {scorer.name!r} needs a 'clip' model, got {model.family!r}")
@@ -214,11 +223,7 @@ class PaclScorer:
         return compute_diagonal_scores(v, F.normalize(text[text_idx], dim=-1))
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
-        rows = list(iter_rows(batch))
-        if not rows:
-            return ScoreRows().to_batch()
-        texts, image_of, text_of = collect_pairs(rows)
-        return write_rows(rows, self.score([row["image"] for row in rows], texts, image_of, text_of))
+        return score_diagonal_batch(self.score, batch)
 
 
 class PaclRopeScorer(PaclScorer):
@@ -260,11 +265,7 @@ class SparcScorer:
         return compute_sparc_scores(out, local=self.options.sparc_local, mask_padding=self.options.sparc_mask_padding)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
-        rows = list(iter_rows(batch))
-        if not rows:
-            return ScoreRows().to_batch()
-        texts, image_of, text_of = collect_pairs(rows)
-        return write_rows(rows, self.score([row["image"] for row in rows], texts, image_of, text_of))
+        return score_diagonal_batch(self.score, batch)
 
 
 class SparcRopeScorer(SparcScorer):
@@ -321,8 +322,4 @@ class PaclLlmTextScorer:
         return compute_diagonal_scores(v, F.normalize(text[text_idx], dim=-1))
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
-        rows = list(iter_rows(batch))
-        if not rows:
-            return ScoreRows().to_batch()
-        texts, image_of, text_of = collect_pairs(rows)
-        return write_rows(rows, self.score([row["image"] for row in rows], texts, image_of, text_of))
+        return score_diagonal_batch(self.score, batch)

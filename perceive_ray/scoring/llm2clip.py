@@ -22,7 +22,7 @@ from pydantic import Field
 from perceive_ray.config import ConfigError, ModelConfig, ScorerConfig
 from perceive_ray.models.llm2clip import Llm2ClipBundle, load_llm2clip
 from perceive_ray.models.text_embeddings import MissingTextEmbeddingError
-from perceive_ray.scoring.base import ScorerOptions, ScoreRows, iter_rows, parse_options
+from perceive_ray.scoring.base import ScorerOptions, parse_options, score_by_cosine
 
 
 class Llm2ClipTextOptions(ScorerOptions):
@@ -79,18 +79,4 @@ class Llm2ClipScorer:
         return F.normalize(self.bundle.adapt_text(vectors), dim=-1)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
-        rows = list(iter_rows(batch))
-        out = ScoreRows()
-        if not rows:
-            return out.to_batch()
-        text_index: dict[str, int] = {}
-        for row in rows:
-            for text in row["texts"]:
-                text_index.setdefault(text, len(text_index))
-        images = self.embed_images([row["image"] for row in rows])  # (B, D)
-        texts = self.embed_texts(list(text_index))  # (T, D)
-        cosines = (images @ texts.T).double().cpu()  # (B, T)
-        for b, row in enumerate(rows):
-            for t, text in enumerate(row["texts"]):
-                out.add(row["item_id"], row["image_index"], t, float(cosines[b, text_index[text]]))
-        return out.to_batch()
+        return score_by_cosine(batch, lambda rows: self.embed_images([r["image"] for r in rows]), self.embed_texts)
