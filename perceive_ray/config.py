@@ -81,6 +81,9 @@ class ResourcesConfig(StrictModel):
     num_actors: int = Field(default=1, gt=0)
     num_cpus_per_actor: float = Field(default=0.5, gt=0)
     num_gpus_per_actor: float = Field(default=0.0, ge=0)
+    # Ray Data's object-store budget for an evaluation: bounds how far image decoding runs ahead of the scorer
+    # (benchmarks/RESULTS.md §3: without it decoded images pile up to Ray's default budget). null = Ray's default.
+    object_store_mb: int | None = Field(default=512, gt=0)
 
 
 class TrackingConfig(StrictModel):

@@ -145,6 +145,11 @@ def run_eval(config: ExperimentConfig, *, run_id: str | None = None, address: st
     record = build_run_record({bench.name: m.source_hashes for bench, m in manifests})
     (run_dir / "run_record.json").write_text(json.dumps(record, indent=2, sort_keys=True))
     started = init_ray(address)
+    context = ray.data.DataContext.get_current()
+    limits_before = context.execution_options.resource_limits
+    if config.resources.object_store_mb:
+        context.execution_options.resource_limits = limits_before.copy(
+            object_store_memory=config.resources.object_store_mb * 2**20)
     results = []
     tracker.start(run_dir.name, config.model_dump(mode="json"),
                   experiment_tags(config, record, runner="ray_data", run_id=run_dir.name))
@@ -160,6 +165,7 @@ def run_eval(config: ExperimentConfig, *, run_id: str | None = None, address: st
         tracker.finish("FAILED")
         raise
     finally:
+        context.execution_options.resource_limits = limits_before
         if started:
             ray.shutdown()
     tracker.finish()

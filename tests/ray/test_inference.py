@@ -112,3 +112,23 @@ def test_resume_refuses_a_different_model(ray_local, workdir):
     run_eval(config_for(workdir), run_id="mismatch", track=False)
     with pytest.raises(RunMismatchError, match="different scorer.options"):
         run_eval(config_for(workdir, "scorer.options.clip_transform=train_compat"), run_id="mismatch", track=False)
+
+
+def test_object_store_budget_is_applied_and_restored(ray_local, workdir, monkeypatch):
+    import ray.data
+
+    import perceive_ray.run.inference as inference
+
+    seen = []
+    original = inference._run_benchmark
+
+    def spy(*args, **kwargs):
+        seen.append(ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "_run_benchmark", spy)
+    # A 1 MB budget (less than one decoded batch) must still finish: backpressure, not a deadlock.
+    results = run_eval(config_for(workdir, "resources.object_store_mb=1"), run_id="budget", track=False)
+    assert seen == [2**20]
+    assert results[0].report.counts["4way/individual_acc/total"] == 12
+    assert ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory == float("inf")
