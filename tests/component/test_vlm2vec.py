@@ -35,19 +35,14 @@ from perceive_ray.scoring.vlm2vec import (
     draw_coco_vg_coin,
     render_query,
 )
+from tests.component.tiny_llava import tiny_torch_offline
 
 OPTS = Vlm2VecOptions()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _offline():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        yield
-    torch.set_num_threads(threads)
+    yield from tiny_torch_offline()
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from perceive_ray.scoring.vqascore import (
     compute_prefix_length,
     pad_to_square,
 )
-from tests.component.tiny_llava import build_tiny_llava_dir
+from tests.component.tiny_llava import build_tiny_llava_dir, tiny_torch_offline
 
 MODES = ("t2v", "p_yes", "yes_no")
 WORDS = "red blue mug plate cat dog on under left right of to the a an big small".split()
@@ -39,13 +39,7 @@ WORDS = "red blue mug plate cat dog on under left right of to the a an big small
 
 @pytest.fixture(scope="module", autouse=True)
 def _offline():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model's ops are so small that thread hand-off costs more than it saves
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        yield
-    torch.set_num_threads(threads)
+    yield from tiny_torch_offline()
 
 
 @pytest.fixture(scope="module")

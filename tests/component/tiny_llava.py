@@ -13,3 +13,18 @@ def build_tiny_llava_dir(path: str | Path, *, template: str = "chat", select_fea
     ``path`` and return it; use it as ``ModelConfig(family="llava", source=str(path))``."""
     return save_tiny_llava(path, template=template, select_feature=select_feature, seed=seed,
                            image_size=image_size, patch_size=patch_size)
+
+
+def tiny_torch_offline():
+    """Generator for a module-scoped fixture: hub offline, torch on 1 thread (the tiny ops are too small for
+    thread hand-off to pay), thread count restored afterwards."""
+    import pytest
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        yield
+    torch.set_num_threads(threads)

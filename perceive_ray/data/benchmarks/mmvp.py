@@ -89,20 +89,7 @@ def load_mmvp(root: str | Path, *, strict_sizes: bool = False) -> Manifest:
                 f"{questions_path}: data row {row.row} has Index {question['Index']!r} but "
                 f"{statements_path.name} row {row.row} has Question ID {row.qid}; aligned by position"
             )
-    check_size(
-        warnings,
-        what=f"mmvp: {src.rel(statements_path)} rows",
-        actual=len(rows),
-        expected=MMVP_ROWS,
-        strict=strict_sizes,
-    )
-    check_size(
-        warnings,
-        what=f"mmvp: {src.rel(statements_path)} pairs",
-        actual=len(rows) // 2,
-        expected=MMVP_PAIRS,
-        strict=strict_sizes,
-    )
+    _check_sizes(warnings, f"mmvp: {src.rel(statements_path)}", len(rows), MMVP_ROWS, MMVP_PAIRS, strict_sizes)
 
     items = []
     for k, (first, second) in enumerate(_pairs(rows, statements_path, warnings), start=1):
@@ -136,20 +123,7 @@ def load_mmvp_vlm(root: str | Path, *, strict_sizes: bool = False) -> Manifest:
             known = ", ".join(repr(t) for t in MMVP_VLM_CATEGORIES)
             raise ManifestError(f"{_where(statements_path, row)}: unknown Type {row.type!r}; known: {known}")
     llava = _read_llava(src, len(rows), statements_path, warnings)
-    check_size(
-        warnings,
-        what=f"mmvp_vlm: {src.rel(statements_path)} rows",
-        actual=len(rows),
-        expected=MMVP_VLM_ROWS,
-        strict=strict_sizes,
-    )
-    check_size(
-        warnings,
-        what=f"mmvp_vlm: {src.rel(statements_path)} pairs",
-        actual=len(rows) // 2,
-        expected=MMVP_VLM_PAIRS,
-        strict=strict_sizes,
-    )
+    _check_sizes(warnings, f"mmvp_vlm: {src.rel(statements_path)}", len(rows), MMVP_VLM_ROWS, MMVP_VLM_PAIRS, strict_sizes)
     # The reference assigns categories by row block (pair_index // 15), meaningful on the full file only.
     full_size = len(rows) == MMVP_VLM_ROWS
 
@@ -269,3 +243,10 @@ def _read_llava(
                 f"{path}: data row {n} carries lndex {record['lndex']!r}; read by position as row {n}"
             )
     return records
+
+
+def _check_sizes(warnings: list[str], what: str, rows: int, published_rows: int, published_pairs: int,
+                 strict: bool) -> None:
+    """Row and pair counts against the published sizes (warnings, or errors under ``strict``)."""
+    check_size(warnings, what=f"{what} rows", actual=rows, expected=published_rows, strict=strict)
+    check_size(warnings, what=f"{what} pairs", actual=rows // 2, expected=published_pairs, strict=strict)

@@ -15,6 +15,8 @@ import itertools
 import random
 from dataclasses import dataclass
 
+from perceive_ray.data.benchmarks.mmvp import MMVP_VLM_CATEGORIES
+
 CANVAS = 80  # px; small so that a few hundred images take well under a second each to write
 
 # Object colours (RGB). No name is (or contains as a whitespace token) a relation word, so the 2-way rule of
@@ -272,18 +274,8 @@ def build_random_scene(seed: int, relation: str, *purpose: object) -> Scene:
     return build_scene(rng, "A", ((c1, s1), (c2, s2)), relation, (rng.randint(16, 24), rng.randint(16, 24)))
 
 
-# MMVP-VLM categories, in the real file's row order; these are the exact ``Type`` values and folder names.
-VLM_TYPES = (
-    "Orientation",
-    "Presence",
-    "State",
-    "Quantity",
-    "Spatial",
-    "Color",
-    "Structural Character",
-    "Text",
-    "Camera Perspective",
-)
+# MMVP-VLM categories in the real file's row order: the exact ``Type`` values and folder names the adapter reads.
+VLM_TYPES = tuple(MMVP_VLM_CATEGORIES)
 NUMBER_WORDS = ("one", "two", "three", "four")
 LETTERS = "ABEFGHKLMPRTXYZ"  # drawn with PIL's default font; all distinguishable at 44 px
 
