@@ -1,112 +1,146 @@
-"""Name -> "module:attr" registry, resolved lazily: one mechanism for benchmarks, metrics, scorers, models, jobs.
+"""Name -> entry registry, resolved lazily: benchmarks, scorers, model families and tiny models.
 
-Config files name things by these keys, never by import path. Nothing is imported until ``resolve`` is called, so
-listing and validating names is cheap and has no side effects.
+Config files name things by these keys, never by import path. An entry holds "module:attr" strings and plain facts;
+nothing is imported until ``resolve``/``load_target`` is called, so listing and validating names is cheap and has no
+side effects (a scorer's options model lives in the light ``perceive_ray.scoring.options`` module, which imports no
+torch, so ``perceive-ray validate`` checks options in well under a second).
+
+Adding a benchmark = an adapter + one ``BenchmarkEntry`` here (+ a synthetic writer, a YAML and a test); adding a
+scorer = a module + one ``ScorerEntry`` + a tiny-model test.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Any
 
-BENCHMARKS = (
-    "whatsup_controlled_a",
-    "whatsup_controlled_b",
-    "whatsup_coco_one",
-    "whatsup_coco_two",
-    "whatsup_vg_one",
-    "whatsup_vg_two",
-    "mmvp",
-    "mmvp_vlm",
-    "winoground",
-    "eqben_mini",
-    "naturalbench",
-    "coco_cf",
-    "sugarcrepe",
-    "seetrue",
-)
+from perceive_ray.metrics.policies import GENERIC_TIE_POLICIES, TIE_POLICIES
+
+
+@dataclass(frozen=True)
+class BenchmarkEntry:
+    """One benchmark: how to read it, how to score it, and what its metric accepts.
+
+    adapter       -- ``load_*(root, *, strict_sizes=False) -> Manifest``
+    metric        -- ``compute_*(manifest, grids, *, tie_policy, label_errata, **options) -> MetricReport``
+    tie_policies  -- the policies its metric implements (``mmvp_reference`` is MMVP's own rule)
+    nan_tolerant  -- NaN scores are counted and excluded by item id (SeeTRUE, PROTOCOLS §2.5) instead of an error
+    """
+
+    adapter: str
+    metric: str
+    tie_policies: tuple[str, ...] = GENERIC_TIE_POLICIES
+    nan_tolerant: bool = False
+
+    @property
+    def target(self) -> str:
+        return self.adapter
+
+
+@dataclass(frozen=True)
+class ScorerEntry:
+    """One scorer: the callable class, its typed options model and the model families it accepts.
+
+    mmvp_logit_scale -- the factor the reference multiplies scores by before its float32 softmax over MMVP's two
+                        images (``tie_policy: mmvp_reference``): 100 for CLIP-style cosines, 1 for probabilities.
+    """
+
+    target: str
+    options: str
+    families: tuple[str, ...]
+    mmvp_logit_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model family: ``load_*(model: ModelConfig, ...) -> bundle``; ``remote_code`` opts in to hub code."""
+
+    target: str
+    remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class TinyEntry:
+    """A tiny random-init model in the layout its family's loader reads: ``save_tiny_*(path, *, seed=0) -> Path``."""
+
+    target: str
+
 
 _ADAPTERS = "perceive_ray.data.benchmarks"
 _METRICS = "perceive_ray.metrics"
+_OPTIONS = "perceive_ray.scoring.options"
+_CONTROLLED = f"{_METRICS}.whatsup:compute_whatsup_controlled"
+_QA = f"{_METRICS}.whatsup:compute_whatsup_qa"
+_WINO = f"{_METRICS}.winoground:compute_winoground_family"
+_MMVP_POLICIES = TIE_POLICIES
 
-_ENTRIES: dict[str, dict[str, str]] = {
-    # Benchmark adapters: load_*(root, *, strict_sizes=False) -> Manifest.
+_ENTRIES: dict[str, dict[str, Any]] = {
     "benchmarks": {
-        "whatsup_controlled_a": f"{_ADAPTERS}.whatsup:load_controlled_a",
-        "whatsup_controlled_b": f"{_ADAPTERS}.whatsup:load_controlled_b",
-        "whatsup_coco_one": f"{_ADAPTERS}.whatsup:load_coco_one",
-        "whatsup_coco_two": f"{_ADAPTERS}.whatsup:load_coco_two",
-        "whatsup_vg_one": f"{_ADAPTERS}.whatsup:load_vg_one",
-        "whatsup_vg_two": f"{_ADAPTERS}.whatsup:load_vg_two",
-        "mmvp": f"{_ADAPTERS}.mmvp:load_mmvp",
-        "mmvp_vlm": f"{_ADAPTERS}.mmvp:load_mmvp_vlm",
-        "winoground": f"{_ADAPTERS}.winoground:load_winoground",
-        "eqben_mini": f"{_ADAPTERS}.winoground:load_eqben_mini",
-        "naturalbench": f"{_ADAPTERS}.winoground:load_naturalbench",
-        "coco_cf": f"{_ADAPTERS}.winoground:load_coco_cf",
-        "sugarcrepe": f"{_ADAPTERS}.sugarcrepe:load_sugarcrepe",
-        "seetrue": f"{_ADAPTERS}.seetrue:load_seetrue",
+        "whatsup_controlled_a": BenchmarkEntry(f"{_ADAPTERS}.whatsup:load_controlled_a", _CONTROLLED),
+        "whatsup_controlled_b": BenchmarkEntry(f"{_ADAPTERS}.whatsup:load_controlled_b", _CONTROLLED),
+        "whatsup_coco_one": BenchmarkEntry(f"{_ADAPTERS}.whatsup:load_coco_one", _QA),
+        "whatsup_coco_two": BenchmarkEntry(f"{_ADAPTERS}.whatsup:load_coco_two", _QA),
+        "whatsup_vg_one": BenchmarkEntry(f"{_ADAPTERS}.whatsup:load_vg_one", _QA),
+        "whatsup_vg_two": BenchmarkEntry(f"{_ADAPTERS}.whatsup:load_vg_two", _QA),
+        "mmvp": BenchmarkEntry(f"{_ADAPTERS}.mmvp:load_mmvp", f"{_METRICS}.mmvp:compute_mmvp", _MMVP_POLICIES),
+        "mmvp_vlm": BenchmarkEntry(f"{_ADAPTERS}.mmvp:load_mmvp_vlm", f"{_METRICS}.mmvp:compute_mmvp",
+                                   _MMVP_POLICIES),
+        "winoground": BenchmarkEntry(f"{_ADAPTERS}.winoground:load_winoground", _WINO),
+        "eqben_mini": BenchmarkEntry(f"{_ADAPTERS}.winoground:load_eqben_mini", _WINO),
+        "naturalbench": BenchmarkEntry(f"{_ADAPTERS}.winoground:load_naturalbench", _WINO),
+        "coco_cf": BenchmarkEntry(f"{_ADAPTERS}.winoground:load_coco_cf", _WINO),
+        "sugarcrepe": BenchmarkEntry(f"{_ADAPTERS}.sugarcrepe:load_sugarcrepe",
+                                     f"{_METRICS}.sugarcrepe:compute_sugarcrepe"),
+        "seetrue": BenchmarkEntry(f"{_ADAPTERS}.seetrue:load_seetrue", f"{_METRICS}.auc:compute_seetrue",
+                                  nan_tolerant=True),
     },
-    # Metric functions, keyed by benchmark: compute_*(manifest, grids, *, tie_policy, label_errata) -> MetricReport.
-    "metrics": {
-        "whatsup_controlled_a": f"{_METRICS}.whatsup:compute_whatsup_controlled",
-        "whatsup_controlled_b": f"{_METRICS}.whatsup:compute_whatsup_controlled",
-        "whatsup_coco_one": f"{_METRICS}.whatsup:compute_whatsup_qa",
-        "whatsup_coco_two": f"{_METRICS}.whatsup:compute_whatsup_qa",
-        "whatsup_vg_one": f"{_METRICS}.whatsup:compute_whatsup_qa",
-        "whatsup_vg_two": f"{_METRICS}.whatsup:compute_whatsup_qa",
-        "mmvp": f"{_METRICS}.mmvp:compute_mmvp",
-        "mmvp_vlm": f"{_METRICS}.mmvp:compute_mmvp",
-        "winoground": f"{_METRICS}.winoground:compute_winoground_family",
-        "eqben_mini": f"{_METRICS}.winoground:compute_winoground_family",
-        "naturalbench": f"{_METRICS}.winoground:compute_winoground_family",
-        "coco_cf": f"{_METRICS}.winoground:compute_winoground_family",
-        "sugarcrepe": f"{_METRICS}.sugarcrepe:compute_sugarcrepe",
-        "seetrue": f"{_METRICS}.auc:compute_seetrue",
-    },
-    # Scorers: callable classes Scorer(model: ModelConfig, scorer: ScorerConfig); see perceive_ray.scoring.base.
     "scorers": {
-        "clip_cosine": "perceive_ray.scoring.clip_cosine:ClipCosineScorer",
-        "vqascore": "perceive_ray.scoring.vqascore:VQAScoreScorer",
-        "vlm2vec": "perceive_ray.scoring.vlm2vec:Vlm2VecScorer",
-        "llm2clip": "perceive_ray.scoring.llm2clip:Llm2ClipScorer",
-        "pacl_llm_text": "perceive_ray.scoring.heads:PaclLlmTextScorer",
-        "pacl": "perceive_ray.scoring.heads:PaclScorer",
-        "pacl_rope": "perceive_ray.scoring.heads:PaclRopeScorer",
-        "sparc": "perceive_ray.scoring.heads:SparcScorer",
-        "sparc_rope": "perceive_ray.scoring.heads:SparcRopeScorer",
+        "clip_cosine": ScorerEntry("perceive_ray.scoring.clip_cosine:ClipCosineScorer",
+                                   f"{_OPTIONS}:ClipCosineOptions", ("clip",), mmvp_logit_scale=100.0),
+        "vqascore": ScorerEntry("perceive_ray.scoring.vqascore:VQAScoreScorer", f"{_OPTIONS}:VQAScoreOptions",
+                                ("llava",)),
+        "vlm2vec": ScorerEntry("perceive_ray.scoring.vlm2vec:Vlm2VecScorer", f"{_OPTIONS}:Vlm2VecOptions",
+                               ("vlm2vec",), mmvp_logit_scale=100.0),
+        "llm2clip": ScorerEntry("perceive_ray.scoring.llm2clip:Llm2ClipScorer", f"{_OPTIONS}:Llm2ClipOptions",
+                                ("llm2clip",), mmvp_logit_scale=100.0),
+        "pacl": ScorerEntry("perceive_ray.scoring.heads:PaclScorer", f"{_OPTIONS}:PaclOptions", ("clip",),
+                            mmvp_logit_scale=100.0),
+        "pacl_rope": ScorerEntry("perceive_ray.scoring.heads:PaclRopeScorer", f"{_OPTIONS}:PaclOptions", ("clip",),
+                                 mmvp_logit_scale=100.0),
+        "sparc": ScorerEntry("perceive_ray.scoring.heads:SparcScorer", f"{_OPTIONS}:SparcOptions", ("clip",),
+                             mmvp_logit_scale=100.0),
+        "sparc_rope": ScorerEntry("perceive_ray.scoring.heads:SparcRopeScorer", f"{_OPTIONS}:SparcOptions",
+                                  ("clip",), mmvp_logit_scale=100.0),
+        "pacl_llm_text": ScorerEntry("perceive_ray.scoring.heads:PaclLlmTextScorer",
+                                     f"{_OPTIONS}:PaclLlmTextOptions", ("llm2clip",), mmvp_logit_scale=100.0),
     },
-    # Model families: load_*(model: ModelConfig) -> bundle (model, preprocess, tokenizer, ...).
     "models": {
-        "clip": "perceive_ray.models.clip:load_clip",
-        "llava": "perceive_ray.models.llava:load_llava",
-        "vlm2vec": "perceive_ray.models.vlm2vec:load_vlm2vec",
-        "llm2clip": "perceive_ray.models.llm2clip:load_llm2clip",
+        "clip": ModelEntry("perceive_ray.models.clip:load_clip"),
+        "llava": ModelEntry("perceive_ray.models.llava:load_llava"),
+        "vlm2vec": ModelEntry("perceive_ray.models.vlm2vec:load_vlm2vec"),
+        # LLM2CLIP ships its vision model as hub code: the only family that may set trust_remote_code.
+        "llm2clip": ModelEntry("perceive_ray.models.llm2clip:load_llm2clip", remote_code=True),
     },
-    # Tiny random-init models, written in the same on-disk layout the family's loader reads:
-    # save_tiny_*(path, *, seed=0) -> Path.
     "tiny": {
-        "clip": "perceive_ray.models.clip:save_tiny_clip",
-        "llava": "perceive_ray.models.llava:save_tiny_llava",
-        "llava_phi3": "perceive_ray.models.llava:save_tiny_llava_phi3",
-        "llava_llama3": "perceive_ray.models.llava:save_tiny_llava_llama3",
-        "llava_cls": "perceive_ray.models.llava:save_tiny_llava_cls",
-        "vlm2vec": "perceive_ray.models.vlm2vec:save_tiny_vlm2vec",
-        "llm2clip": "perceive_ray.models.llm2clip:save_tiny_llm2clip",
-        "pacl": "perceive_ray.models.heads.tiny:save_tiny_pacl",
-        "pacl_rope": "perceive_ray.models.heads.tiny:save_tiny_pacl_rope",
-        "sparc_rope": "perceive_ray.models.heads.tiny:save_tiny_sparc_rope",
-        "pacl_llm_text": "perceive_ray.models.heads.tiny:save_tiny_pacl_llm_text",
+        "clip": TinyEntry("perceive_ray.models.clip:save_tiny_clip"),
+        "llava": TinyEntry("perceive_ray.models.llava:save_tiny_llava"),
+        "llava_phi3": TinyEntry("perceive_ray.models.llava:save_tiny_llava_phi3"),
+        "llava_llama3": TinyEntry("perceive_ray.models.llava:save_tiny_llava_llama3"),
+        "llava_cls": TinyEntry("perceive_ray.models.llava:save_tiny_llava_cls"),
+        "vlm2vec": TinyEntry("perceive_ray.models.vlm2vec:save_tiny_vlm2vec"),
+        "llm2clip": TinyEntry("perceive_ray.models.llm2clip:save_tiny_llm2clip"),
+        "pacl": TinyEntry("perceive_ray.models.heads.tiny:save_tiny_pacl"),
+        "pacl_rope": TinyEntry("perceive_ray.models.heads.tiny:save_tiny_pacl_rope"),
+        "sparc_rope": TinyEntry("perceive_ray.models.heads.tiny:save_tiny_sparc_rope"),
+        "pacl_llm_text": TinyEntry("perceive_ray.models.heads.tiny:save_tiny_pacl_llm_text"),
     },
-    # Filled by the training work; the mechanism is the same.
-    "jobs": {},
 }
 
 KINDS = tuple(_ENTRIES)
 
-# Model families whose real checkpoints need the hub's remote code (LLM2CLIP ships its vision model as custom
-# code). Only these may set model.trust_remote_code: true; every other family loads with it off.
-REMOTE_CODE_FAMILIES = frozenset({"llm2clip"})
+# Model families whose real checkpoints need the hub's remote code; only these may set model.trust_remote_code.
+REMOTE_CODE_FAMILIES = frozenset(name for name, entry in _ENTRIES["models"].items() if entry.remote_code)
 
 
 class RegistryError(KeyError):
@@ -118,7 +152,7 @@ def names(kind: str) -> list[str]:
     return list(_entries(kind))
 
 
-def target(kind: str, name: str) -> str:
+def entry(kind: str, name: str) -> Any:
     entries = _entries(kind)
     if name not in entries:
         known = ", ".join(sorted(entries)) or "(none registered yet)"
@@ -126,9 +160,35 @@ def target(kind: str, name: str) -> str:
     return entries[name]
 
 
-def resolve(kind: str, name: str) -> Any:
-    module_name, _, attr = target(kind, name).partition(":")
+def target(kind: str, name: str) -> str:
+    """The entry's main "module:attr" (a benchmark's adapter, a scorer's class, a family's loader, ...)."""
+    return entry(kind, name).target
+
+
+def load_target(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module_name), attr)
+
+
+def resolve(kind: str, name: str) -> Any:
+    return load_target(target(kind, name))
+
+
+def benchmark(name: str) -> BenchmarkEntry:
+    return entry("benchmarks", name)
+
+
+def scorer(name: str) -> ScorerEntry:
+    return entry("scorers", name)
+
+
+def resolve_metric(benchmark_name: str) -> Any:
+    return load_target(benchmark(benchmark_name).metric)
+
+
+def resolve_options(scorer_name: str) -> Any:
+    """The scorer's typed options model (pydantic; imports no torch)."""
+    return load_target(scorer(scorer_name).options)
 
 
 def summary(kind: str, name: str) -> str:
@@ -137,7 +197,7 @@ def summary(kind: str, name: str) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
-def _entries(kind: str) -> dict[str, str]:
+def _entries(kind: str) -> dict[str, Any]:
     if kind not in _ENTRIES:
         raise RegistryError(f"unknown registry kind {kind!r}; known: {', '.join(KINDS)}")
     return _ENTRIES[kind]

@@ -15,6 +15,8 @@ from PIL import Image, UnidentifiedImageError
 
 from perceive_ray.data.manifest import Manifest
 
+PAD_COLOUR = (122, 116, 104)  # int(255 * CLIP mean), LLaVA's expand2square background
+
 
 class ImageError(ValueError):
     """An image cannot be read or decoded; the message names the file."""
@@ -67,3 +69,15 @@ def load_rgb(root: str | Path, rel: str) -> np.ndarray:
 def to_pil(array: np.ndarray) -> Image.Image:
     """RGB uint8 (H, W, 3) -> PIL image (what open_clip / HF processors expect)."""
     return Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8))
+
+
+def pad_to_square(image: Image.Image, colour: tuple[int, int, int] = PAD_COLOUR) -> Image.Image:
+    """Paste centred on a max(W, H) square of ``colour``; the short-axis offset is floor(|W - H| / 2)."""
+    image = image.convert("RGB")
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), colour)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas

@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-TIE_POLICIES = ("strict", "argmax_first", "mmvp_reference")
-LABEL_ERRATA = ("original", "corrected")
+from perceive_ray.metrics.policies import LABEL_ERRATA, TIE_POLICIES  # noqa: F401 (re-exported)
 
 
 class MetricError(ValueError):

@@ -9,9 +9,6 @@ from perceive_ray.data.manifest import Manifest
 from perceive_ray.metrics.base import MetricReport
 from perceive_ray.metrics.scores import ScoresError, build_score_grids
 
-# Benchmarks whose metric tolerates NaN scores (excluded by item id and counted; PROTOCOLS §2.5).
-NAN_TOLERANT = frozenset({"seetrue"})
-
 
 def compute_metrics(
     manifest: Manifest,
@@ -23,10 +20,11 @@ def compute_metrics(
     source: str = "<scores>",
 ) -> MetricReport:
     """Check that ``scores`` cover every item of ``manifest``, then run the benchmark's registered metric."""
-    metric = registry.resolve("metrics", manifest.benchmark)
+    entry = registry.benchmark(manifest.benchmark)
+    metric = registry.load_target(entry.metric)
     grids = build_score_grids(manifest, scores, source=source)
     options = {}
-    if manifest.benchmark in NAN_TOLERANT:
+    if entry.nan_tolerant:
         options["max_nan_fraction"] = max_nan_fraction
     elif grids.nan_items:
         shown = ", ".join(repr(i) for i in grids.nan_items[:5])

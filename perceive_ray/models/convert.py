@@ -37,6 +37,7 @@ from tokenizers import AddedToken
 from transformers import CONFIG_MAPPING, AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig
 
 from perceive_ray.config import ConfigError
+from perceive_ray.models.chat_templates import IMAGE_PLACEHOLDER, TEMPLATES
 from perceive_ray.models.llava import (
     SELECT_FEATURE_KEY,
     SELECT_FEATURES,
@@ -44,7 +45,6 @@ from perceive_ray.models.llava import (
     LlavaClsForConditionalGeneration,
     LlavaForConditionalGeneration,
 )
-from perceive_ray.scoring.prompts import IMAGE_PLACEHOLDER, TEMPLATES
 
 CONFIG_FILE = "config.json"
 SUPPORTED_PROJECTOR = "mlp2x_gelu"
@@ -428,7 +428,7 @@ def build_tiny_original_tokenizer(template: str = "chat"):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from perceive_ray.scoring.prompts import VQASCORE_QUESTION
+    from perceive_ray.models.llava import TINY_CORPUS_QUESTION as VQASCORE_QUESTION
 
     _, _, _, specials, bos, eos, pad, _, _ = _TINY_FLAVOURS[template]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))

@@ -35,7 +35,11 @@ from transformers import (
 from transformers.models.llava.modeling_llava import LlavaModel, LlavaPreTrainedModel
 
 from perceive_ray.config import ConfigError, ModelConfig
-from perceive_ray.scoring.prompts import IMAGE_PLACEHOLDER, SYS, TEMPLATES, VQASCORE_QUESTION
+from perceive_ray.models.chat_templates import IMAGE_PLACEHOLDER, SYS, TEMPLATES
+
+# The tiny tokenizers are trained on the VQAScore question so its words are single tokens, as in a real vocabulary.
+# A copy, because models never import scoring; tests/unit/test_prompts.py checks it equals the scorer's question.
+TINY_CORPUS_QUESTION = 'Does this figure show "{}"? Please answer yes or no.'
 
 SIDECAR = "perceive_ray.json"  # {"template": ...} written next to converted / tiny weights
 SELECT_FEATURE_KEY = "mm_vision_select_feature"  # the original LLaVA config key (PROTOCOLS §5.7)
@@ -195,7 +199,7 @@ def _tiny_corpus() -> list[str]:
     captions += [f"a photo of {w}" for w in _TINY_WORDS]
     lines = []
     for caption in captions:
-        question = VQASCORE_QUESTION.replace("{}", caption)
+        question = TINY_CORPUS_QUESTION.replace("{}", caption)
         for template in TEMPLATES.values():
             for answer in ("Yes", "No"):
                 text = template.render_question_part(question) + template.render_answer_part(answer)

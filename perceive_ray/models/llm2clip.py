@@ -42,7 +42,11 @@ import torch
 from torch import nn
 
 from perceive_ray.config import ConfigError, ModelConfig
-from perceive_ray.models.text_embeddings import TextEmbeddingError, TextEmbeddingStore
+from perceive_ray.models.text_embeddings import (
+    MissingTextEmbeddingError,
+    TextEmbeddingError,
+    TextEmbeddingStore,
+)
 
 SIDECAR = "perceive_ray.json"
 TINY_FORMAT = "tiny"
@@ -421,3 +425,11 @@ def save_tiny_llm2clip(path: str | Path, *, seed: int = 0) -> Path:
     }
     (path / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def encode_llm_checked(bundle: Llm2ClipBundle, texts: list[str], batch_size: int) -> torch.Tensor:
+    """(T, D_llm) LLM2Vec vectors; a text missing from the store is a configuration error, not a crash."""
+    try:
+        return bundle.encode_llm(texts, batch_size=batch_size)
+    except MissingTextEmbeddingError as exc:
+        raise ConfigError(f"scorer.options.text_embeddings: {exc}") from None

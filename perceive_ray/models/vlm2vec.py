@@ -31,13 +31,13 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from transformers import LlavaProcessor
 
 from perceive_ray.config import ConfigError, ModelConfig
+from perceive_ray.models.chat_templates import IMAGE_PLACEHOLDER
 from perceive_ray.models.llava import (
     SIDECAR,
     LlavaBundle,
     load_llava,
     save_tiny_llava,
 )
-from perceive_ray.scoring.prompts import IMAGE_PLACEHOLDER
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

@@ -13,10 +13,9 @@ any scorer-specific extras (e.g. ``lm_tokens``) that the scores table keeps as e
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
+from perceive_ray import registry
 from perceive_ray.config import ConfigError, ModelConfig, ScorerConfig
 
 INPUT_COLUMNS = ("benchmark", "item_id", "image_index", "image", "texts", "subset", "group", "meta")
@@ -28,27 +27,28 @@ class Scorer(Protocol):
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]: ...
 
-
-class ScorerOptions(BaseModel):
-    """Base for a scorer's typed ``scorer.options`` block: frozen, unknown keys are errors."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-OptionsT = TypeVar("OptionsT", bound=ScorerOptions)
+    def describe(self) -> dict[str, Any]:
+        """Everything besides the weights that decides the scores (prompts, token ids, dtype, transforms, device):
+        recorded in the run record, the MLflow tags and the scores' Parquet metadata; resume refuses a change."""
+        ...
 
 
-def parse_options(kind: type[OptionsT], options: Mapping[str, Any], *, scorer: str) -> OptionsT:
-    """Validate ``scorer.options`` into the scorer's own options model; errors name ``scorer.options.<key>``."""
-    try:
-        return kind.model_validate(dict(options))
-    except ValidationError as exc:
-        lines = [f"scorer {scorer!r}: {exc.error_count()} option error(s)"]
-        for error in exc.errors():
-            key = ".".join(str(p) for p in error["loc"])
-            message = "unknown option" if error["type"] == "extra_forbidden" else error["msg"]
-            lines.append(f"  scorer.options.{key}: {message}")
-        raise ConfigError("\n".join(lines)) from None
+def check_family(model: ModelConfig, scorer: ScorerConfig) -> None:
+    """The model family must be one the scorer's registry entry accepts (the config loader checks this too)."""
+    families = registry.scorer(scorer.name).families
+    if model.family not in families:
+        raise ConfigError(f"model.family: scorer {scorer.name!r} needs a {' or '.join(repr(f) for f in families)} "
+                          f"model, got {model.family!r}")
+
+
+def device_name(device: Any) -> str:
+    """``cpu``, or ``cuda:<card name>`` (the GPU type goes into every run record, PROTOCOLS §8.13)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
 
 
 def iter_rows(batch: Mapping[str, Any]) -> Iterator[dict[str, Any]]:

@@ -10,25 +10,19 @@ decisions match). ``clip_transform=train_compat`` reproduces the reference's ran
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from perceive_ray.config import ConfigError, ModelConfig, ScorerConfig
+from perceive_ray.config import ModelConfig, ScorerConfig
 from perceive_ray.data.images import to_pil
 from perceive_ray.models.clip import ClipBundle, load_clip
 from perceive_ray.randomness import keyed_rng
-from perceive_ray.scoring.base import ScorerOptions, parse_options, score_by_cosine
+from perceive_ray.scoring.base import check_family, device_name, score_by_cosine
+from perceive_ray.scoring.options import ClipCosineOptions, parse_options
 
 COMPAT_PURPOSE = "clip_train_compat"
-
-
-class ClipCosineOptions(ScorerOptions):
-    """``scorer.options`` of ``clip_cosine``."""
-
-    clip_transform: Literal["val", "train_compat"] = "val"
-    seed: int = 0
 
 
 def compat_generator(seed: int, item_id: str, image_index: int) -> torch.Generator:
@@ -41,10 +35,18 @@ class ClipCosineScorer:
     """Cosine similarity of open_clip image and text embeddings, one score per (image, text)."""
 
     def __init__(self, model: ModelConfig, scorer: ScorerConfig) -> None:
-        if model.family != "clip":
-            raise ConfigError(f"model.family: scorer 'clip_cosine' needs a 'clip' model, got {model.family!r}")
+        check_family(model, scorer)
         self.options = parse_options(ClipCosineOptions, scorer.options, scorer=scorer.name)
         self.bundle: ClipBundle = load_clip(model)
+
+    def describe(self) -> dict[str, Any]:
+        """What decides these scores besides the weights (PROTOCOLS §8.13)."""
+        bundle = self.bundle
+        return {"scorer": "clip_cosine", "model_name": bundle.name, "pretrained": bundle.pretrained,
+                "clip_transform": self.options.clip_transform, "compat_seed": self.options.seed,
+                "image_size": list(_pair(bundle.image_size)), "mean": list(bundle.mean), "std": list(bundle.std),
+                "context_length": bundle.context_length, "dtype": str(bundle.dtype).removeprefix("torch."),
+                "device": device_name(bundle.device), "score": "cosine of L2-normalised fp32 embeddings"}
 
     def pixels(self, row: Mapping[str, Any]) -> torch.Tensor:
         """(3, H, W) normalised pixels of one scoring row under the configured transform."""
@@ -70,3 +72,7 @@ class ClipCosineScorer:
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
         return score_by_cosine(batch, lambda rows: self.embed_images(torch.stack([self.pixels(r) for r in rows])),
                                self.embed_texts)
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))

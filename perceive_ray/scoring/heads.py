@@ -18,15 +18,14 @@ ViT patches and LLM2Vec text through its frozen adapter (options as ``pacl`` plu
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from perceive_ray.config import ConfigError, ModelConfig, ScorerConfig
-from perceive_ray.models.clip import ClipBundle, load_clip
+from perceive_ray.models.clip_features import FrozenClipEncoder, compute_pixels, load_encoder
 from perceive_ray.models.heads.pacl import (
     HeadLoadError,
     HeadSpec,
@@ -36,123 +35,9 @@ from perceive_ray.models.heads.pacl import (
     load_pacl_head,
 )
 from perceive_ray.models.heads.sparc import SparcHead, compute_sparc_scores, load_sparc_head
-from perceive_ray.scoring.base import ScorerOptions, ScoreRows, iter_rows, parse_options
-from perceive_ray.scoring.llm2clip import (
-    Llm2ClipTextOptions,
-    check_llm2clip_family,
-    encode_llm_checked,
-    load_llm2clip_for,
-)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class PaclOptions(ScorerOptions):
-    """``scorer.options`` of ``pacl`` / ``pacl_rope``."""
-
-    head_weights: str
-    embed_dim: int = Field(default=768, gt=0)
-    # None: the pooling stored with the weights, else ``uniform`` (the released forward); ``sigmoid`` = compat.
-    pacl_pooling: Literal["uniform", "sigmoid"] | None = None
-
-
-class SparcOptions(ScorerOptions):
-    """``scorer.options`` of ``sparc`` / ``sparc_rope``."""
-
-    head_weights: str
-    embed_dim: int = Field(default=768, gt=0)
-    # sigma for weights that store none (released .pth); default 1/num_patches. Must match a stored sigma.
-    sparc_sigma: float | None = Field(default=None, ge=0.0, lt=1.0)
-    # Compatibility override at eval only: 1/625 reproduces the reference's shipped SPARC evaluation.
-    sparc_eval_sigma: float | None = Field(default=None, ge=0.0, lt=1.0)
-    sparc_mask_padding: bool = False
-    sparc_local: bool = True
-
-
-def load_encoder(model: ModelConfig) -> ClipBundle:
-    """The frozen open_clip encoder (the one CLIP loader, same path for real and tiny models)."""
-    return load_clip(model)
-
-
-def compute_pixels(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """RGB uint8 (H, W, 3) -> (3, S_h, S_w): ToTensor -> Resize((S, S)) bilinear antialiased -> ImageNet norm.
-
-    Equal to torchvision's ``Compose([ToTensor(), Resize((S, S)), Normalize(...)])`` on the tensor path.
-    """
-    tensor = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float() / 255.0
-    resized = F.interpolate(tensor.unsqueeze(0), size=size, mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (resized[0] - mean) / std
-
-
-class FrozenClipEncoder:
-    """Patch tokens and text features of a frozen open_clip ``CLIP`` with a ViT image tower."""
-
-    def __init__(self, bundle: ClipBundle) -> None:
-        clip = bundle.model
-        visual = getattr(clip, "visual", None)
-        supported = (
-            visual is not None
-            and hasattr(visual, "ln_post")
-            and hasattr(visual, "grid_size")
-            and getattr(visual, "attn_pool", None) is None
-            and not getattr(visual, "final_ln_after_pool", False)
-            and getattr(visual, "pool_type", None) == "tok"
-            and hasattr(clip, "ln_final")
-            and hasattr(clip, "token_embedding")
-        )
-        if not supported:
-            raise ConfigError(
-                f"model.source: heads need an open_clip CLIP with a class-token ViT image tower and the built-in text "
-                f"tower; {bundle.name!r} is not one"
-            )
-        self.bundle = bundle
-        self.model = clip
-        size = visual.image_size
-        self.image_size = (int(size[0]), int(size[1]))
-        self.num_patches = int(visual.grid_size[0] * visual.grid_size[1])
-        self.vision_dim = int(visual.ln_post.normalized_shape[0])
-        self.text_width = int(clip.ln_final.normalized_shape[0])
-        self.text_embed_dim = int(bundle.embed_dim)
-
-    def pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """(B, 3, S, S) float32 on CPU."""
-        return torch.stack([compute_pixels(image, self.image_size) for image in images])
-
-    @torch.inference_mode()
-    def patch_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, N, Dv) fp32 post-``ln_post`` patch tokens (CLS dropped, before the projection)."""
-        visual, bundle = self.model.visual, self.bundle
-        previous = visual.output_tokens
-        visual.output_tokens = True  # the tower then returns (pooled, tokens); restored below
-        try:
-            _, tokens = visual(pixels.to(bundle.device, bundle.dtype))
-        finally:
-            visual.output_tokens = previous
-        if tokens.shape[1] != self.num_patches:
-            raise RuntimeError(f"expected {self.num_patches} patch tokens, got {tokens.shape[1]}")
-        return tokens.float()
-
-    @torch.inference_mode()
-    def text_features(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """T texts -> token ids (T, L), pooled projected embedding (T, E_clip), ``ln_final`` states (T, L, W), fp32.
-
-        Mirrors ``CLIP.encode_text`` step by step so the per-token states are the ones its pooling reads.
-        """
-        from open_clip.transformer import text_global_pool
-
-        clip, bundle = self.model, self.bundle
-        ids = bundle.tokenizer(texts).to(bundle.device)  # (T, L), truncated to the context length
-        cast = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(ids).to(cast) + clip.positional_embedding.to(cast)
-        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))  # (T, L, W)
-        pooled = text_global_pool(x, ids, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
-        if clip.text_projection is not None:
-            pooled = clip.text_projection(pooled) if isinstance(clip.text_projection, torch.nn.Linear) \
-                else pooled @ clip.text_projection
-        return ids, pooled.float(), x.float()
+from perceive_ray.models.llm2clip import encode_llm_checked, load_llm2clip
+from perceive_ray.scoring.base import ScoreRows, check_family, device_name, iter_rows
+from perceive_ray.scoring.options import PaclLlmTextOptions, PaclOptions, SparcOptions, parse_options
 
 
 def collect_pairs(rows: list[dict[str, Any]]) -> tuple[list[str], list[int], list[int]]:
@@ -178,6 +63,16 @@ def write_rows(rows: list[dict[str, Any]], scores: torch.Tensor) -> dict[str, li
     return out.to_batch()
 
 
+def describe_head(scorer: Any, **extra: Any) -> dict[str, Any]:
+    """The shared part of a head scorer's describe() (PACL / SPARC on a frozen open_clip encoder)."""
+    enc, spec = scorer.encoder, scorer.spec
+    return {"scorer": spec.kind + ("_rope" if spec.rope else ""), "head": spec.kind, "rope": spec.rope,
+            "encoder": enc.bundle.name, "embed_dim": spec.embed_dim, "num_patches": spec.num_patches,
+            "image_size": list(enc.image_size), "transform": "ToTensor -> Resize((S, S)) -> ImageNet mean/std",
+            "dtype": str(enc.bundle.dtype).removeprefix("torch."), "device": device_name(enc.bundle.device),
+            "score": "<v_j, t_j> of unit vectors", **extra}
+
+
 def score_diagonal_batch(score, batch: Mapping[str, Any]) -> dict[str, list]:
     """Run a head scorer's ``score(images, texts, image_of, text_of)`` over a batch of scoring rows."""
     rows = list(iter_rows(batch))
@@ -185,11 +80,6 @@ def score_diagonal_batch(score, batch: Mapping[str, Any]) -> dict[str, list]:
         return ScoreRows().to_batch()
     texts, image_of, text_of = collect_pairs(rows)
     return write_rows(rows, score([row["image"] for row in rows], texts, image_of, text_of))
-
-
-def check_family(model: ModelConfig, scorer: ScorerConfig) -> None:
-    if model.family != "clip":
-        raise ConfigError(f"model.family: scorer {scorer.name!r} needs a 'clip' model, got {model.family!r}")
 
 
 class PaclScorer:
@@ -209,6 +99,10 @@ class PaclScorer:
         except HeadLoadError as exc:
             raise ConfigError(f"scorer.options.head_weights: {exc}") from None
         self.head: PaclHead = head.to(enc.bundle.device)
+
+    def describe(self) -> dict[str, Any]:
+        """What decides these scores besides the weights."""
+        return describe_head(self, pooling=self.head.pooling)
 
     @torch.inference_mode()
     def score(self, images: Sequence[np.ndarray], texts: list[str], image_of: list[int], text_of: list[int]):
@@ -253,6 +147,12 @@ class SparcScorer:
         eval_sigma = self.options.sparc_eval_sigma
         self.sigma = self.head.sigma if eval_sigma is None else eval_sigma
 
+    def describe(self) -> dict[str, Any]:
+        """What decides these scores besides the weights: the stored and the evaluated sigma among them."""
+        opts = self.options
+        return describe_head(self, sigma_stored=self.head.sigma, sigma_eval=self.sigma, local=opts.sparc_local,
+                             mask_padding=opts.sparc_mask_padding)
+
     @torch.inference_mode()
     def score(self, images: Sequence[np.ndarray], texts: list[str], image_of: list[int], text_of: list[int]):
         """Diagonal scores (M,) for pairs (images[image_of[m]], texts[text_of[m]])."""
@@ -277,10 +177,6 @@ class SparcRopeScorer(SparcScorer):
 # ---------------------------------------------------------------------------------------------------------------
 # "+ stronger text encoder" (PROTOCOLS §5.5): the PACL head on LLM2CLIP's towers instead of the open_clip ones.
 
-class PaclLlmTextOptions(PaclOptions, Llm2ClipTextOptions):
-    """``scorer.options`` of ``pacl_llm_text``: the PACL options plus where the LLM2Vec text vectors come from."""
-
-
 class PaclLlmTextScorer:
     """PACL+RoPE head on frozen LLM2CLIP: its ViT patches and LLM2Vec text through its adapter (PROTOCOLS §5.5).
 
@@ -293,9 +189,10 @@ class PaclLlmTextScorer:
     ROPE = True
 
     def __init__(self, model: ModelConfig, scorer: ScorerConfig) -> None:
-        check_llm2clip_family(model, scorer)
+        check_family(model, scorer)
         self.options = parse_options(PaclLlmTextOptions, scorer.options, scorer=scorer.name)
-        self.bundle = load_llm2clip_for(model, self.options)
+        self.bundle = load_llm2clip(model, text_embeddings=self.options.text_embeddings,
+                                    text_model=self.options.text_model, text_revision=self.options.text_revision)
         bundle = self.bundle
         self.spec = HeadSpec(kind="pacl", vision_dim=bundle.vision_dim, text_dim=bundle.projection_dim,
                              embed_dim=self.options.embed_dim, rope=self.ROPE, num_patches=bundle.num_patches)
@@ -304,6 +201,15 @@ class PaclLlmTextScorer:
         except HeadLoadError as exc:
             raise ConfigError(f"scorer.options.head_weights: {exc}") from None
         self.head: PaclHead = head.to(bundle.device)
+
+    def describe(self) -> dict[str, Any]:
+        """What decides these scores besides the weights."""
+        return {"scorer": "pacl_llm_text", "head": "pacl", "rope": self.ROPE, "pooling": self.head.pooling,
+                "embed_dim": self.spec.embed_dim, "image_size": list(self.bundle.image_size),
+                "num_patches": self.spec.num_patches, "text_meta": self.bundle.text_meta,
+                "text_store": self.bundle.text_store is not None,
+                "transform": "ToTensor -> Resize((S, S)) -> ImageNet mean/std",
+                "device": device_name(self.bundle.device), "score": "<v_j, t_j> of unit vectors"}
 
     def pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(B, 3, S, S): ToTensor -> Resize((S, S)) -> ImageNet mean/std (the head evaluation's transform)."""

@@ -17,56 +17,29 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
-from perceive_ray.config import ConfigError, ModelConfig, ScorerConfig
-from perceive_ray.models.llm2clip import Llm2ClipBundle, load_llm2clip
-from perceive_ray.models.text_embeddings import MissingTextEmbeddingError
-from perceive_ray.scoring.base import ScorerOptions, parse_options, score_by_cosine
-
-
-class Llm2ClipTextOptions(ScorerOptions):
-    """Where LLM2CLIP text vectors come from; shared by ``llm2clip`` and ``pacl_llm_text``."""
-
-    text_embeddings: str | None = None
-    text_model: str | None = None
-    text_revision: str | None = None
-    text_batch_size: int = Field(default=16, gt=0)
-
-
-class Llm2ClipOptions(Llm2ClipTextOptions):
-    """``scorer.options`` of ``llm2clip``."""
-
-    image_processor: str | None = None
-
-
-def check_llm2clip_family(model: ModelConfig, scorer: ScorerConfig) -> None:
-    if model.family != "llm2clip":
-        raise ConfigError(f"model.family: scorer {scorer.name!r} needs an 'llm2clip' model, got {model.family!r}")
-
-
-def load_llm2clip_for(model: ModelConfig, options: Llm2ClipTextOptions, *,
-                      image_processor: str | None = None) -> Llm2ClipBundle:
-    """The bundle a scorer's options ask for (online LLM, or the store when ``text_embeddings`` is set)."""
-    return load_llm2clip(model, text_embeddings=options.text_embeddings, text_model=options.text_model,
-                         text_revision=options.text_revision, image_processor=image_processor)
-
-
-def encode_llm_checked(bundle: Llm2ClipBundle, texts: list[str], batch_size: int) -> torch.Tensor:
-    """(T, D_llm) LLM2Vec vectors; a text missing from the store is a configuration error, not a crash."""
-    try:
-        return bundle.encode_llm(texts, batch_size=batch_size)
-    except MissingTextEmbeddingError as exc:
-        raise ConfigError(f"scorer.options.text_embeddings: {exc}") from None
+from perceive_ray.config import ModelConfig, ScorerConfig
+from perceive_ray.models.llm2clip import encode_llm_checked, load_llm2clip
+from perceive_ray.scoring.base import check_family, device_name, score_by_cosine
+from perceive_ray.scoring.options import Llm2ClipOptions, parse_options
 
 
 class Llm2ClipScorer:
     """Cosine of L2-normalised LLM2CLIP image and text features, one score per (image, text)."""
 
     def __init__(self, model: ModelConfig, scorer: ScorerConfig) -> None:
-        check_llm2clip_family(model, scorer)
+        check_family(model, scorer)
         self.options = parse_options(Llm2ClipOptions, scorer.options, scorer=scorer.name)
-        self.bundle = load_llm2clip_for(model, self.options, image_processor=self.options.image_processor)
+        self.bundle = load_llm2clip(model, text_embeddings=self.options.text_embeddings,
+                                    text_model=self.options.text_model, text_revision=self.options.text_revision,
+                                    image_processor=self.options.image_processor)
+
+    def describe(self) -> dict[str, Any]:
+        """What decides these scores besides the weights."""
+        bundle = self.bundle
+        return {"scorer": "llm2clip", "image_size": list(bundle.image_size), "text_meta": bundle.text_meta,
+                "text_store": bundle.text_store is not None, "dtype": str(bundle.dtype).removeprefix("torch."),
+                "device": device_name(bundle.device), "score": "cosine of L2-normalised fp32 features"}
 
     def embed_images(self, images: list[Any]) -> torch.Tensor:
         """B RGB uint8 images -> (B, D) unit-norm fp32."""

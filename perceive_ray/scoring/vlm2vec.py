@@ -29,24 +29,23 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from perceive_ray.config import ModelConfig, ScorerConfig
-from perceive_ray.data.images import to_pil
+from perceive_ray.data.images import pad_to_square, to_pil
 from perceive_ray.models.vlm2vec import Vlm2VecBundle, compute_embeddings, load_vlm2vec
 from perceive_ray.randomness import keyed_rng
-from perceive_ray.scoring.base import ScorerOptions, ScoreRows, iter_rows, parse_options
+from perceive_ray.scoring.base import ScoreRows, check_family, device_name, iter_rows
+from perceive_ray.scoring.options import Vlm2VecOptions, parse_options
 from perceive_ray.scoring.prompts import IMAGE_PLACEHOLDER
 from perceive_ray.scoring.prompts import VLM2VEC_FOUR_WAY_PROMPTS as FOUR_WAY_PROMPTS
-from perceive_ray.scoring.prompts import VLM2VEC_GENERIC_PROMPT as GENERIC_PROMPT
 from perceive_ray.scoring.prompts import VLM2VEC_PROMPTS_VERSION as PROMPTS_VERSION
 from perceive_ray.scoring.prompts import VLM2VEC_QUERY_TEMPLATE as QUERY_TEMPLATE
 from perceive_ray.scoring.prompts import VLM2VEC_TWO_WAY_PROMPTS as TWO_WAY_PROMPTS
-from perceive_ray.scoring.vqascore import pad_to_square
 
 CONTROLLED = ("whatsup_controlled_a", "whatsup_controlled_b")
 COCO_VG = ("whatsup_coco_one", "whatsup_coco_two", "whatsup_vg_one", "whatsup_vg_two")
@@ -64,17 +63,6 @@ COIN_PURPOSE = "vlm2vec_coco_vg_prompt_coin"
 
 class ImageTokenError(ValueError):
     """A VLM2Vec image query does not hold exactly one <image> (or it did not expand to V positions)."""
-
-
-class Vlm2VecOptions(ScorerOptions):
-    whatsup_prompt: Literal["two_way", "four_way"] = "two_way"
-    query_template: str = QUERY_TEMPLATE
-    generic_prompt: str = GENERIC_PROMPT
-    missing_question: Literal["error", "generic"] = "error"  # MMVP(-VLM) item without a question in meta
-    seed: int = 0  # COCO/VG prompt coin
-    image_preprocess: Literal["processor", "resize", "pad"] = "processor"
-    merge: bool = True  # merge_and_unload an adapter on load (the reference merges)
-    device: str | None = None  # default: cuda if available, else cpu
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,6 +175,7 @@ class Vlm2VecScorer:
     """VLM2Vec LLaVA scores: <query(image, prompt), target(text)> of last-token embeddings (PROTOCOLS §3.4)."""
 
     def __init__(self, model: ModelConfig, scorer: ScorerConfig) -> None:
+        check_family(model, scorer)
         self.options = parse_options(Vlm2VecOptions, scorer.options, scorer=scorer.name)
         render_query("", self.options.query_template)  # template errors surface at construction
         self.device = torch.device(self.options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -199,10 +188,12 @@ class Vlm2VecScorer:
     def describe(self) -> dict[str, Any]:
         """What a run record needs to reproduce these scores."""
         opts, bundle = self.options, self.bundle
-        return {"prompts_version": PROMPTS_VERSION, "query_template": opts.query_template,
+        return {"scorer": "vlm2vec", "prompts_version": PROMPTS_VERSION, "query_template": opts.query_template,
+                "two_way_prompts": dict(TWO_WAY_PROMPTS), "four_way_prompts": dict(FOUR_WAY_PROMPTS),
+                "device": device_name(self.device),
                 "whatsup_prompt": opts.whatsup_prompt, "generic_prompt": opts.generic_prompt, "seed": opts.seed,
                 "image_preprocess": opts.image_preprocess, "merged": bundle.merged, "base": bundle.base_source,
-                "adapter": bundle.adapter_source, "dtype": str(bundle.model.dtype),
+                "adapter": bundle.adapter_source, "dtype": str(bundle.model.dtype).removeprefix("torch."),
                 "num_visual_tokens": bundle.num_visual_tokens, "pooling": "last_non_pad", "score": "dot_fp32"}
 
     # -- inputs -----------------------------------------------------------------------------------------------

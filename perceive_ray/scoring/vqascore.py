@@ -19,22 +19,20 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from perceive_ray.config import ModelConfig, ScorerConfig
-from perceive_ray.data.images import to_pil
+from perceive_ray.data.images import pad_to_square, to_pil
 from perceive_ray.models.llava import LlavaBundle, load_llava
-from perceive_ray.scoring.base import ScorerOptions, ScoreRows, iter_rows, parse_options
+from perceive_ray.scoring.base import ScoreRows, check_family, device_name, iter_rows
+from perceive_ray.scoring.options import VQAScoreOptions, parse_options
 from perceive_ray.scoring.prompts import (
     IMAGE_PLACEHOLDER,
     PROMPTS_VERSION,
     TEMPLATE_NAMES,
-    VQASCORE_ANSWER,
-    VQASCORE_NEGATIVE_ANSWER,
     VQASCORE_QUESTION,
     ConversationTemplate,
     get_template,
@@ -43,26 +41,10 @@ from perceive_ray.scoring.prompts import (
 )
 
 MODES = ("t2v", "p_yes", "yes_no")
-PAD_COLOUR = (122, 116, 104)  # int(255 * CLIP mean), LLaVA's expand2square background
 
 
 class AnswerSpanError(ValueError):
     """The unmasked tokens of a compat sequence are not exactly [answer token, end-of-turn token]."""
-
-
-class VQAScoreOptions(ScorerOptions):
-    mode: Literal["t2v", "p_yes", "yes_no"] = "t2v"
-    template: Literal["chat", "phi3_instruct", "llama3"] | None = None  # default: the checkpoint's own
-    question: str = VQASCORE_QUESTION
-    answer: str = VQASCORE_ANSWER
-    negative_answer: str = VQASCORE_NEGATIVE_ANSWER
-    image_preprocess: Literal["pad", "none"] = "pad"
-    sharing: Literal["shared", "none"] = "shared"
-    # reference: softmax over the original model's vocabulary when the checkpoint records it (rows a port or the
-    # converter appended, e.g. <image>, are left out); full: over every row of the loaded LM head.
-    softmax_vocab: Literal["reference", "full"] = "reference"
-    max_length: int | None = None  # default: the LM's max_position_embeddings; longer sequences are an error
-    device: str | None = None  # default: cuda if available, else cpu
 
 
 assert TEMPLATE_NAMES == VQAScoreOptions.model_fields["template"].annotation.__args__[0].__args__
@@ -142,18 +124,6 @@ def compute_scores(lp_yes: np.ndarray, lp_eot: np.ndarray, lp_no: np.ndarray) ->
     }
 
 
-def pad_to_square(image: Image.Image, colour: tuple[int, int, int] = PAD_COLOUR) -> Image.Image:
-    """Paste centred on a max(W, H) square of ``colour``; the short-axis offset is floor(|W - H| / 2)."""
-    image = image.convert("RGB")
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    canvas = Image.new("RGB", (side, side), colour)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
-
-
 @dataclass
 class _Candidate:
     yes: CompatSequence
@@ -164,6 +134,7 @@ class VQAScoreScorer:
     """VQAScore (t2v / p_yes / yes_no) of a LLaVA-family model; shared-prefix or naive per-pair path."""
 
     def __init__(self, model: ModelConfig, scorer: ScorerConfig) -> None:
+        check_family(model, scorer)
         self.options = parse_options(VQAScoreOptions, scorer.options, scorer=scorer.name)
         self.device = torch.device(self.options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.bundle: LlavaBundle = load_llava(model, device=self.device, template=self.options.template)
@@ -178,14 +149,20 @@ class VQAScoreScorer:
         self.vision_encodes_total = 0
         self.sequences_total = 0
         self.token_record: dict[str, tuple[int, str]] = {}  # y / n / eot ids and strings (PROTOCOLS §3.2)
+        # The answer ids do not depend on the caption (asserted per text): settle them now, so describe() is
+        # complete before any score exists and a template or tokenizer problem fails at construction.
+        self.build_candidate("a photo")
 
     def describe(self) -> dict[str, Any]:
-        """What a run record needs to reproduce these scores (PROTOCOLS §8.13); token ids fill in as texts are seen."""
+        """What a run record needs to reproduce these scores (PROTOCOLS §8.13): templates, answer/EOT token ids and
+        strings, softmax width, dtype, visual tokens, device."""
         opts, bundle = self.options, self.bundle
         return {
-            "prompts_version": self.prompts_version, "template": self.template.name, "question": opts.question,
+            "scorer": "vqascore", "prompts_version": self.prompts_version, "template": self.template.name,
+            "template_head": self.template.head, "template_tail": self.template.tail, "eot": self.template.eot,
+            "question": opts.question, "device": device_name(self.device),
             "answer": opts.answer, "negative_answer": opts.negative_answer, "mode": opts.mode,
-            "image_preprocess": opts.image_preprocess, "sharing": opts.sharing, "dtype": str(bundle.model.dtype),
+            "image_preprocess": opts.image_preprocess, "sharing": opts.sharing, "dtype": str(bundle.model.dtype).removeprefix("torch."),
             "select_feature": bundle.select_feature, "num_visual_tokens": bundle.num_visual_tokens,
             "vocab_size": self.vocab_size, "softmax_vocab": opts.softmax_vocab,
             "tokens": {name: list(entry) for name, entry in self.token_record.items()},

@@ -26,9 +26,10 @@ from transformers import (
 )
 
 from perceive_ray.config import ConfigError, ModelConfig
+from perceive_ray.models.chat_templates import IMAGE_PLACEHOLDER, TEMPLATES
 from perceive_ray.models.convert import ConversionError, convert_llava, save_tiny_original_llava
 from perceive_ray.models.llava import LlavaClsForConditionalGeneration, load_llava
-from perceive_ray.scoring.prompts import IMAGE_PLACEHOLDER, TEMPLATES, VQASCORE_QUESTION
+from perceive_ray.scoring.prompts import VQASCORE_QUESTION
 
 torch.set_num_threads(2)
 

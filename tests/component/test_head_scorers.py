@@ -16,18 +16,10 @@ from perceive_ray.data.images import load_rgb, to_pil
 from perceive_ray.data.synthetic import generate
 from perceive_ray.metrics.compute import compute_metrics
 from perceive_ray.models.clip import load_clip
+from perceive_ray.models.clip_features import IMAGENET_MEAN, IMAGENET_STD, FrozenClipEncoder, compute_pixels
 from perceive_ray.models.heads.pacl import HeadSpec, PaclHead, save_head
 from perceive_ray.models.heads.sparc import SparcHead, compute_sparc_scores
-from perceive_ray.scoring.heads import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    FrozenClipEncoder,
-    PaclRopeScorer,
-    PaclScorer,
-    SparcRopeScorer,
-    SparcScorer,
-    compute_pixels,
-)
+from perceive_ray.scoring.heads import PaclRopeScorer, PaclScorer, SparcRopeScorer, SparcScorer
 from perceive_ray.scoring.local import run_local
 from tests.component.tiny_clip import build_tiny_clip_dir, tiny_clip_model_config
 

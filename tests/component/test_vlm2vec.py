@@ -25,9 +25,9 @@ from perceive_ray.models.vlm2vec import (
 )
 from perceive_ray.randomness import keyed_rng
 from perceive_ray.scoring.local import run_local
+from perceive_ray.scoring.options import Vlm2VecOptions
 from perceive_ray.scoring.vlm2vec import (
     ImageTokenError,
-    Vlm2VecOptions,
     Vlm2VecScorer,
     build_coco_vg_prompt,
     build_controlled_prompt,

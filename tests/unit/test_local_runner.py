@@ -10,8 +10,9 @@ from perceive_ray.data.catalog import load_benchmark
 from perceive_ray.data.images import ImageError, load_rgb, scoring_rows
 from perceive_ray.data.synthetic import generate
 from perceive_ray.metrics.compute import compute_metrics
-from perceive_ray.scoring.base import ScorerOptions, ScoreRows, iter_rows, parse_options
+from perceive_ray.scoring.base import ScoreRows, iter_rows
 from perceive_ray.scoring.local import run_local
+from perceive_ray.scoring.options import ScorerOptions, parse_options
 
 
 class PlantedScorer:

@@ -489,6 +489,6 @@ def test_registry_resolves_mmvp_entries():
 
     assert registry.resolve("benchmarks", "mmvp") is load_mmvp
     assert registry.resolve("benchmarks", "mmvp_vlm") is load_mmvp_vlm
-    assert registry.resolve("metrics", "mmvp") is compute_mmvp
-    assert registry.resolve("metrics", "mmvp_vlm") is compute_mmvp
+    assert registry.resolve_metric("mmvp") is compute_mmvp
+    assert registry.resolve_metric("mmvp_vlm") is compute_mmvp
     assert mmvp_statement(249).endswith(" ")

@@ -96,7 +96,7 @@ def test_seetrue_per_source_auc_and_counts():
     assert other.metrics == report.metrics and other.tie_policy == "argmax_first"
     with pytest.raises(MetricError, match="MMVP only"):
         compute_seetrue(manifest, grids_for(manifest, scores), tie_policy="mmvp_reference")
-    assert registry.resolve("metrics", "seetrue") is compute_seetrue
+    assert registry.resolve_metric("seetrue") is compute_seetrue
 
 
 def test_nan_excluded_by_item_id_keeps_alignment():

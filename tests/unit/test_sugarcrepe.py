@@ -76,7 +76,7 @@ def test_full_size_denominators(tmp_path):
     for subset, size in SUGARCREPE_SIZES.items():
         assert report.counts[f"{subset}/acc/total"] == size
     assert report.chance["acc"] == 0.5 and set(report.chance) == set(report.metrics)
-    assert registry.resolve("metrics", "sugarcrepe") is compute_sugarcrepe
+    assert registry.resolve_metric("sugarcrepe") is compute_sugarcrepe
 
 
 @pytest.mark.parametrize(("policy", "expected_correct"), [("strict", 2), ("argmax_first", 3)])

@@ -244,7 +244,7 @@ def test_winoground_full_size_denominators(tmp_path):
     assert sum(counts[f"tag/{t}/text_score/total"] for t in ("object", "relation", "both")) == 400
     assert counts["tag/no_tag/text_score/total"] == 134  # ids 0, 3, ..., 399 have an empty why-hard list
     # The registry resolves the same function for all four benchmarks.
-    assert registry.resolve("metrics", "winoground") is compute_winoground_family
+    assert registry.resolve_metric("winoground") is compute_winoground_family
 
 
 def rewrite_csv_line(path, line_no, new_line):
