@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from perceive_ray import registry
+from perceive_ray.metrics.policies import LABEL_ERRATA, TIE_POLICIES
 
 EXIT_BAD_INPUT = 2
 
@@ -24,26 +25,51 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from perceive_ray.config import ConfigError
     from perceive_ray.data.images import ImageError
     from perceive_ray.data.manifest import ManifestError
+    from perceive_ray.data.scores import ScoresError
     from perceive_ray.metrics.base import MetricError
-    from perceive_ray.metrics.scores import ScoresError
+    from perceive_ray.run_directory import RunLockedError, RunMismatchError
     from perceive_ray.tracking.tracker import TrackingError
 
-    return (CliError, TrackingError, ConfigError, ImageError, ManifestError, ScoresError, MetricError, registry.RegistryError)
+    return (CliError, TrackingError, ConfigError, ImageError, ManifestError, ScoresError, MetricError,
+            registry.RegistryError, RunMismatchError, RunLockedError)
+
+
+def _split_overrides(args: argparse.Namespace, extra: Sequence[str]) -> None:
+    """``validate`` takes files and dotted overrides in any order: the ones with '=' are overrides."""
+    args.overrides = [a for a in args.files if "=" in a] + list(extra)
+    args.files = [a for a in args.files if "=" not in a]
+    if not args.files:
+        raise CliError("validate: name at least one experiment file")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from perceive_ray.config import ConfigError, validate_file
+    from perceive_ray.data.manifest import ManifestError
 
     failed = 0
     for path in args.files:
         try:
-            config = validate_file(path)
-        except ConfigError as exc:
+            config = validate_file(path, args.overrides, smoke=True if args.smoke else None)
+            if not args.schema_only:
+                _check_files(config, smoke=args.smoke)
+        except (ConfigError, ManifestError) as exc:
             failed += 1
             print(str(exc), file=sys.stderr)
         else:
-            print(f"ok  {path}  ({config.name}: {', '.join(b.name for b in config.benchmarks)})")
+            mode = " (smoke)" if args.smoke else ""
+            print(f"ok  {path}{mode}  ({config.name}: {', '.join(b.name for b in config.benchmarks)})")
     return EXIT_BAD_INPUT if failed else 0
+
+
+def _check_files(config, *, smoke: bool) -> None:
+    """The filesystem half of validation: model source, weight files, datasets (what --smoke prepares is skipped)."""
+    from perceive_ray.preflight import check_inputs
+    from perceive_ray.smoke import preparable
+
+    skip = preparable(config) if smoke else []
+    check_inputs(config, skip=skip)
+    if skip:
+        print(f"    --smoke prepares {', '.join(skip)} when missing", file=sys.stderr)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -86,14 +112,32 @@ def cmd_data_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _load_for_run(args: argparse.Namespace):
+    """Config (+ smoke preparation) for eval / score: every check that needs no model runs before Ray or MLflow."""
     from perceive_ray.config import load_config
-    from perceive_ray.run.inference import RunMismatchError, run_eval
 
     config = load_config(args.experiment, args.overrides, smoke=args.smoke)
+    if args.smoke:
+        from perceive_ray.smoke import prepare_smoke
+
+        prepare_smoke(config)
+    return config
+
+
+def _run_errors() -> tuple[type[BaseException], ...]:
+    from perceive_ray.run_directory import RunLockedError, RunMismatchError
+
+    return (RunMismatchError, RunLockedError)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    config = _load_for_run(args)
+    from perceive_ray.run.inference import quiet_ray_data, run_eval
+
+    quiet_ray_data()
     try:
         run_eval(config, run_id=args.run_id, address=args.address, track=not args.no_track, on_error=args.on_error)
-    except RunMismatchError as exc:
+    except _run_errors() as exc:
         raise CliError(str(exc)) from exc
     return 0
 
@@ -128,8 +172,8 @@ def cmd_model_tiny(args: argparse.Namespace) -> int:
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     from perceive_ray.data.catalog import load_benchmark
+    from perceive_ray.data.scores import read_scores
     from perceive_ray.metrics.compute import compute_metrics
-    from perceive_ray.metrics.scores import read_scores
 
     scores = read_scores(args.scores)  # cheap checks first: the scores file, then the dataset
     manifest = load_benchmark(args.benchmark, args.data_root, strict_sizes=args.strict_sizes)
@@ -144,7 +188,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        from perceive_ray.local_eval import format_report
+        from perceive_ray.evaluation import format_report
 
         print(format_report(report.to_dict()))
     for note in report.notes:
@@ -153,12 +197,15 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from perceive_ray.config import load_config
-    from perceive_ray.local_eval import run_local_experiment
+    config = _load_for_run(args)
+    from perceive_ray.evaluation import run_evaluation
+    from perceive_ray.scoring.local import LocalExecutor
 
-    config = load_config(args.experiment, args.overrides, smoke=args.smoke)
-    run_local_experiment(config, out_dir=Path(args.out) if args.out else None, on_error=args.on_error,
-                         track=not args.no_track)
+    try:
+        run_evaluation(config, LocalExecutor(), run_id=args.run_id, run_dir=Path(args.out) if args.out else None,
+                       track=not args.no_track, on_error=args.on_error)
+    except _run_errors() as exc:
+        raise CliError(str(exc)) from exc
     return 0
 
 
@@ -170,10 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("validate", help="check experiment YAML files against the config schema (and their smoke mode)",
-                       description="Validate experiment files: unknown keys, wrong types and missing files are "
-                       "reported with the file and key path; exit code 2 if any file is invalid.")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p = sub.add_parser(
+        "validate", help="check experiment files: schema, scorer options, model families, model/weight/data paths",
+        description="Validate experiment files as eval/score would load them: unknown keys and wrong types, scorer "
+        "options against the scorer's typed options (typos included), model family vs scorer, tie policy vs "
+        "benchmark, then the model source, weight files and datasets on disk. Dotted overrides apply to every "
+        "file. Each problem names the file and key; exit code 2 if any file is invalid.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="experiment YAML files (and dotted.key=value overrides)")
+    p.add_argument("--smoke", action="store_true",
+                   help="validate the smoke mode only (paths --smoke would prepare are not required)")
+    p.add_argument("--schema-only", action="store_true",
+                   help="skip the filesystem checks (model source, weights, datasets)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("ls", help="list registered names (benchmarks, metrics, scorers, models, jobs)",
@@ -250,33 +304,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval", help="evaluate an experiment through the Ray Data pipeline (local Ray or a cluster); resumable",
-        description="Score every benchmark of the experiment with Ray Data (images decoded in CPU tasks, the scorer "
-        "in an actor pool sized by resources.*), streaming shards to <output_dir>/<run id>/<benchmark>/; "
-        "re-running the same run id skips rows already scored. Logs one MLflow run per benchmark. Without "
-        "--address / RAY_ADDRESS a local Ray instance is started.",
+        description="Score every benchmark of the experiment in ONE Ray Data pipeline (images decoded in CPU tasks, "
+        "the scorer in one actor pool sized by resources.*: one model load per actor for the whole experiment), "
+        "streaming shards to <output_dir>/<run id>/<benchmark>/; re-running the same run id skips rows already "
+        "scored and refuses a changed model, scorer, dataset, weights or seed. One MLflow run per evaluation. "
+        "Without --address / RAY_ADDRESS a local Ray instance is started. Same results, files and resume as score.",
     )
     p.add_argument("experiment", help="experiment YAML")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. resources.num_actors=4")
-    p.add_argument("--smoke", action="store_true", help="apply the experiment's smoke block (tiny model, CPU)")
+    p.add_argument("--smoke", action="store_true",
+                   help="apply the experiment's smoke block (tiny model, CPU); prepares missing synthetic data and "
+                   "tiny models")
     p.add_argument("--run-id", help="run directory name under output_dir (default: the experiment name)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local instance)")
     p.add_argument("--on-error", choices=("record", "fail"), default=None,
-                   help="unreadable images: error rows (default, from the config's on_error) or stop the run")
+                   help="unreadable images: error rows or stop the run (default: the config's on_error)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
         "score", help="score an experiment's benchmarks in one process (the reference path, no Ray)",
-        description="Load the experiment's model and scorer once, score every benchmark it lists in this process, "
-        "and write <out>/<benchmark>/scores.parquet and metrics.json (default out: <output_dir>/<name>). "
-        "Datasets are checked before the model loads.",
+        description="The same evaluation as eval (same files, resume, checks and tracking) with the scorer in "
+        "this process instead of a Ray actor pool: loads the model once, scores every benchmark, writes "
+        "<run dir>/<benchmark>/scores.parquet and metrics.json. Every input is checked before the model loads.",
     )
     p.add_argument("experiment", help="experiment YAML")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. scorer.batch_size=8 benchmarks.0.root=DIR")
-    p.add_argument("--smoke", action="store_true", help="apply the experiment's smoke block (tiny model, CPU)")
-    p.add_argument("--out", help="output folder (default: <output_dir>/<name>)")
-    p.add_argument("--on-error", choices=("fail", "record"), default="fail",
-                   help="unreadable images: stop (default) or skip their items and list them in errors.json")
+    p.add_argument("--smoke", action="store_true",
+                   help="apply the experiment's smoke block (tiny model, CPU); prepares missing synthetic data and "
+                   "tiny models")
+    p.add_argument("--run-id", help="run directory name under output_dir (default: the experiment name)")
+    p.add_argument("--out", help="run directory (default: <output_dir>/<run id>)")
+    p.add_argument("--on-error", choices=("record", "fail"), default=None,
+                   help="unreadable images: error rows or stop the run (default: the config's on_error)")
     p.add_argument("--no-track", action="store_true",
                    help="do not log to MLflow (default: tracking.uri, else MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.set_defaults(func=cmd_score)
@@ -289,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", required=True, choices=registry.names("benchmarks"), metavar="NAME")
     p.add_argument("--data-root", required=True, help="the benchmark's folder in its published layout")
     p.add_argument("--scores", required=True, help="scores table (.parquet)")
-    p.add_argument("--tie-policy", default="strict", choices=("strict", "argmax_first", "mmvp_reference"))
-    p.add_argument("--errata", default="original", choices=("original", "corrected"), help="label errata mode")
+    p.add_argument("--tie-policy", default="strict", choices=TIE_POLICIES)
+    p.add_argument("--errata", default="original", choices=LABEL_ERRATA, help="label errata mode")
     p.add_argument("--strict-sizes", action="store_true", help="make a size that differs from the published one an error")
     p.add_argument("--max-nan-fraction", type=float, default=0.0,
                    help="SeeTRUE only: largest fraction of NaN-scored items to exclude before failing (default 0)")
@@ -303,11 +363,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # Dotted overrides may come after options (`score exp.yaml --smoke a.b=1`); argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
-    if extra:
-        if not hasattr(args, "overrides") or any(arg.startswith("-") or "=" not in arg for arg in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = [*args.overrides, *extra]
+    if extra and (any(arg.startswith("-") or "=" not in arg for arg in extra)
+                  or not (hasattr(args, "overrides") or args.func is cmd_validate)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.func is cmd_validate:
+            _split_overrides(args, extra)
+        elif extra:
+            args.overrides = [*args.overrides, *extra]
         return args.func(args)
     except _bad_input_errors() as exc:
         print(f"perceive-ray: error: {exc}", file=sys.stderr)

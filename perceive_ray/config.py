@@ -15,11 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from perceive_ray import registry
-from perceive_ray.metrics.base import LABEL_ERRATA, TIE_POLICIES
-
-TiePolicy = Literal["strict", "argmax_first", "mmvp_reference"]
-LabelErrata = Literal["original", "corrected"]
-assert set(TiePolicy.__args__) == set(TIE_POLICIES) and set(LabelErrata.__args__) == set(LABEL_ERRATA)
+from perceive_ray.metrics.policies import LabelErrata, TiePolicy
 
 
 class ConfigError(ValueError):
@@ -62,6 +58,13 @@ class ModelConfig(StrictModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
 
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        if value not in registry.names("models"):
+            raise ValueError(f"unknown model family {value!r}; known: {', '.join(registry.names('models'))}")
+        return value
+
     @model_validator(mode="after")
     def _remote_code_opt_in(self) -> ModelConfig:
         if self.trust_remote_code and self.family not in registry.REMOTE_CODE_FAMILIES:
@@ -72,15 +75,31 @@ class ModelConfig(StrictModel):
 
 
 class ScorerConfig(StrictModel):
+    """A registered scorer, its batch size (scoring rows = (item, image) pairs per call) and its typed options."""
+
     name: str
     batch_size: int = Field(default=8, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _known_scorer(cls, value: str) -> str:
+        if value not in registry.names("scorers"):
+            raise ValueError(f"unknown scorer {value!r}; known: {', '.join(registry.names('scorers'))}")
+        return value
+
 
 class ResourcesConfig(StrictModel):
+    """The scorer actor pool of ``eval`` (``score`` runs in one process and ignores these)."""
+
     num_actors: int = Field(default=1, gt=0)
-    num_cpus_per_actor: float = Field(default=0.5, gt=0)
+    # null = auto: 1 CPU beside a GPU; on a CPU-only run the cluster's CPUs shared out among the actors, minus half
+    # a CPU for image decoding (an actor pool that takes every CPU after a read step deadlocks).
+    num_cpus_per_actor: float | None = Field(default=None, gt=0)
     num_gpus_per_actor: float = Field(default=0.0, ge=0)
+    # null = auto: the actor's CPU share rounded up (at least 1, at most the node's cores). Ray sets
+    # OMP_NUM_THREADS=1 for fractional shares; the actor sets torch's thread count from this instead.
+    threads_per_actor: int | None = Field(default=None, gt=0)
     # Ray Data's object-store budget for an evaluation: bounds how far image decoding runs ahead of the scorer
     # (benchmarks/RESULTS.md §3: without it decoded images pile up to Ray's default budget). null = Ray's default.
     object_store_mb: int | None = Field(default=512, gt=0)
@@ -92,8 +111,9 @@ class TrackingConfig(StrictModel):
 
 
 class ExperimentConfig(StrictModel):
-    """A full experiment. ``smoke`` holds dotted overrides that turn it into a tiny-model CPU run."""
+    """An evaluation experiment. ``smoke`` holds dotted overrides that turn it into a tiny-model CPU run."""
 
+    kind: Literal["eval"] = "eval"
     name: str
     description: str = ""
     seed: int = 0
@@ -107,13 +127,11 @@ class ExperimentConfig(StrictModel):
     on_error: Literal["record", "fail"] = "record"  # unreadable images: error rows, or stop the run
     smoke: dict[str, Any] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _mmvp_policy(self) -> ExperimentConfig:
-        if self.metrics.tie_policy == "mmvp_reference":
-            others = [b.name for b in self.benchmarks if b.name not in ("mmvp", "mmvp_vlm")]
-            if others:
-                raise ValueError(f"tie_policy 'mmvp_reference' applies to MMVP only, not to {', '.join(others)}")
-        return self
+
+
+EvalConfig = ExperimentConfig
+# Root schemas by ``kind:`` (training and sweep experiments register theirs here): one loader for all of them.
+SCHEMAS: dict[str, type[StrictModel]] = {"eval": ExperimentConfig}
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -158,9 +176,20 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     return deep_merge(base, data)
 
 
-def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str], *, source: str = "override") -> dict[str, Any]:
-    """Apply ``a.b=c`` overrides; values are parsed as YAML scalars/flow values; list items by index (``x.0.y``)."""
+Overrides = Iterable[str] | Mapping[str, Any]
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Overrides, *, source: str = "override") -> dict[str, Any]:
+    """Apply dotted overrides: ``a.b=c`` strings (values parsed as YAML scalars/flow values) or a mapping
+    ``{"a.b": value}`` (values used as given: the Ray Tune / sweep path). List items by index (``x.0.y``)."""
     result = copy.deepcopy(dict(data))
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            key = str(key)
+            if not key or any(not part for part in key.split(".")):
+                raise ConfigError(f"{source}: {key!r} is not a dotted key")
+            _set_path(result, key.split("."), copy.deepcopy(value), override=key, source=source)
+        return result
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
@@ -188,17 +217,66 @@ def _set_path(node: Any, parts: list[str], value: Any, *, override: str, source:
             if last:
                 node[part] = value
             else:
-                node = node.setdefault(part, {})
+                child = node.setdefault(part, {})
+                if child is None:  # ``options: null`` in a file: an override below it starts a mapping
+                    child = node[part] = {}
+                node = child
         else:
             raise ConfigError(f"{source}: {override!r}: {'.'.join(parts[:depth])} is a value, not a mapping")
 
 
-def validate(data: Mapping[str, Any], *, source: str) -> ExperimentConfig:
-    """Validate into ExperimentConfig; relative paths stay relative to the working directory."""
+def validate(data: Mapping[str, Any], *, source: str, schema: type[StrictModel] | None = None) -> Any:
+    """Validate into the root schema named by ``kind:`` (or ``schema``), then the cross-field checks that need the
+    registry: scorer options against the scorer's own typed model (defaults filled), accepted model families,
+    tie policies per benchmark. Relative paths stay relative to the working directory."""
+    schema = schema or _schema_for(data, source)
     try:
-        return ExperimentConfig.model_validate(dict(data))
+        config = schema.model_validate(dict(data))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
+    if isinstance(config, ExperimentConfig):
+        config = check_experiment(config, source=source)
+    return config
+
+
+def _schema_for(data: Mapping[str, Any], source: str) -> type[StrictModel]:
+    kind = data.get("kind", "eval")
+    if kind not in SCHEMAS:
+        raise ConfigError(f"{source}: kind: {kind!r} is not one of {', '.join(SCHEMAS)}")
+    return SCHEMAS[kind]
+
+
+def check_experiment(config: ExperimentConfig, *, source: str) -> ExperimentConfig:
+    """Registry checks of an evaluation config; returns it with ``scorer.options`` filled with the defaults."""
+    errors: list[str] = []
+    entry = registry.scorer(config.scorer.name)
+    if config.model.family not in entry.families:
+        errors.append(f"  model.family: scorer {config.scorer.name!r} accepts model families "
+                      f"{', '.join(repr(f) for f in entry.families)}, not {config.model.family!r}")
+    options_model = registry.resolve_options(config.scorer.name)
+    filled: dict[str, Any] | None = None
+    try:
+        filled = options_model.model_validate(dict(config.scorer.options)).model_dump(mode="json")
+    except ValidationError as exc:
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"])
+            if error["type"] == "extra_forbidden":
+                known = ", ".join(sorted(options_model.model_fields))
+                message = f"unknown option of scorer {config.scorer.name!r} (known: {known})"
+            elif error["type"] == "missing":
+                message = f"required option of scorer {config.scorer.name!r} is missing"
+            else:
+                message = error["msg"]
+            errors.append(f"  scorer.options.{key}: {message}")
+    for index, bench in enumerate(config.benchmarks):
+        policies = registry.benchmark(bench.name).tie_policies
+        if config.metrics.tie_policy not in policies:
+            errors.append(f"  metrics.tie_policy: {config.metrics.tie_policy!r} does not apply to benchmarks.{index} "
+                          f"({bench.name}); it accepts {', '.join(policies)}")
+    if errors:
+        raise ConfigError("\n".join([f"{source}: {len(errors)} configuration error(s)", *errors]))
+    scorer = config.scorer.model_copy(update={"options": filled})
+    return config.model_copy(update={"scorer": scorer})
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -210,38 +288,38 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         elif error["type"] == "missing":
             message = "required key is missing"
         else:
-            message = error["msg"]
+            message = error["msg"].removeprefix("Value error, ")
         lines.append(f"  {path}: {message}")
     return "\n".join(lines)
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = (), *, smoke: bool = False) -> ExperimentConfig:
-    """Load an experiment file, merge its base, apply the smoke block (if asked) and then CLI overrides."""
+def load_config(path: str | Path, overrides: Overrides = (), *, schema: type[StrictModel] | None = None,
+                smoke: bool = False) -> Any:
+    """Load an experiment file: merge its ``base:``, apply its ``smoke:`` block (if asked), then the overrides
+    (``a.b=c`` strings or a ``{"a.b": value}`` mapping), and validate against ``schema`` (default: by ``kind:``).
+
+    The one loader for every experiment kind (eval today; training and sweep configs reuse it)."""
     data = load_raw(path)
     if smoke:
         block = data.get("smoke") or {}
         if not isinstance(block, dict):
             raise ConfigError(f"{path}: smoke: must be a mapping of dotted overrides")
-        data = _apply_values(data, block, source=f"{path}: smoke")
+        data = apply_overrides(data, block, source=f"{path}: smoke")
     data = apply_overrides(data, overrides)
-    return validate(data, source=str(path))
+    return validate(data, source=str(path), schema=schema)
 
 
-def _apply_values(data: dict[str, Any], block: Mapping[str, Any], *, source: str) -> dict[str, Any]:
-    result = copy.deepcopy(data)
-    for key, value in block.items():
-        _set_path(result, str(key).split("."), copy.deepcopy(value), override=str(key), source=source)
-    return result
-
-
-def validate_file(path: str | Path) -> ExperimentConfig:
-    """Validate a file as written and, if it has a smoke block, in smoke mode too."""
-    config = load_config(path)
-    if config.smoke:
-        load_config(path, smoke=True)
+def validate_file(path: str | Path, overrides: Overrides = (), *, smoke: bool | None = None) -> Any:
+    """Validate a file as written and, if it has a smoke block, in smoke mode too (``smoke=None``); or only the
+    mode asked for. Both modes are checked so that a smoke block cannot mask an error of the real experiment."""
+    if smoke:
+        return load_config(path, overrides, smoke=True)
+    config = load_config(path, overrides)
+    if smoke is None and getattr(config, "smoke", None):
+        load_config(path, overrides, smoke=True)
     return config
 
 
-def dump_config(config: ExperimentConfig) -> str:
+def dump_config(config: BaseModel) -> str:
     """The resolved config as YAML (recorded with every run)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

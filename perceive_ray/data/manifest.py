@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,15 @@ class Manifest:
 
     def by_id(self) -> dict[str, Item]:
         return {item.item_id: item for item in self.items}
+
+    def restrict(self, item_ids: Iterable[str]) -> Manifest:
+        """The same manifest with only the items whose id is in ``item_ids`` (manifest order kept)."""
+        wanted = set(item_ids)
+        return replace(self, items=tuple(item for item in self.items if item.item_id in wanted))
+
+    def head(self, limit: int | None) -> Manifest:
+        """The first ``limit`` items (all of them for None): what a ``limit`` run scores."""
+        return self if limit is None else replace(self, items=self.items[:limit])
 
     def to_table(self) -> pa.Table:
         table = pa.Table.from_pylist([item.to_row() for item in self.items], schema=MANIFEST_SCHEMA)

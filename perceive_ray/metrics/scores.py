@@ -1,65 +1,20 @@
-"""The scores table (one row per scored item x image x text) and its per-item score grids.
-
-Contract (Parquet): ``item_id`` string, ``image_index`` int64, ``text_index`` int64, ``score`` float64; extra
-columns are allowed and ignored here. Metrics read ``S[item][image][text]`` grids built from it.
-"""
+"""Per-item score grids ``S[item][image][text]`` built from a scores table (``perceive_ray.data.scores``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from perceive_ray.data.manifest import Manifest
-
-SCORE_COLUMNS = {"item_id": pa.string(), "image_index": pa.int64(), "text_index": pa.int64(), "score": pa.float64()}
-
-
-class ScoresError(ValueError):
-    """The scores table is malformed or does not cover the benchmark's items."""
-
-
-def scores_table(item_ids, image_indices, text_indices, scores) -> pa.Table:
-    """Build a scores table with the contract's column types."""
-    return pa.table(
-        {
-            "item_id": pa.array([str(i) for i in item_ids], pa.string()),
-            "image_index": pa.array(image_indices, pa.int64()),
-            "text_index": pa.array(text_indices, pa.int64()),
-            "score": pa.array(scores, pa.float64()),
-        }
-    )
-
-
-def read_scores(path: str | Path) -> pa.Table:
-    path = Path(path)
-    if not path.is_file():
-        raise ScoresError(f"{path}: scores file not found")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise ScoresError(f"{path}: not a readable Parquet file: {exc}") from exc
-    return validate_scores(table, source=str(path))
-
-
-def validate_scores(table: pa.Table, *, source: str = "<scores>") -> pa.Table:
-    """Check the column contract and cast to it; return the four contract columns."""
-    missing = [name for name in SCORE_COLUMNS if name not in table.column_names]
-    if missing:
-        raise ScoresError(f"{source}: scores table lacks column(s) {missing}; has {table.column_names}")
-    columns = {}
-    for name, kind in SCORE_COLUMNS.items():
-        column = table.column(name)
-        if column.null_count:
-            raise ScoresError(f"{source}: column {name!r} has {column.null_count} null value(s)")
-        try:
-            columns[name] = column.cast(kind)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise ScoresError(f"{source}: column {name!r} cannot be read as {kind}: {exc}") from exc
-    return pa.table(columns)
+from perceive_ray.data.scores import (  # noqa: F401 (re-exported: metrics read scores through here)
+    SCORE_COLUMNS,
+    ScoresError,
+    read_scores,
+    scores_table,
+    validate_scores,
+)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ paths pointed at a demo folder, logs both runs to a local MLflow store and print
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -16,7 +15,8 @@ import ray
 from perceive_ray import registry
 from perceive_ray.config import load_config
 from perceive_ray.data.synthetic import generate
-from perceive_ray.run.inference import BenchmarkRun, init_ray, run_eval
+from perceive_ray.evaluation import BenchmarkResult
+from perceive_ray.run.inference import init_ray, quiet_ray_data, run_eval
 
 EXPERIMENTS = {
     "tiny CLIP (cosine)": ("clip_whatsup.yaml", "clip"),
@@ -26,7 +26,7 @@ COLUMNS = (("2way/individual_acc", "indiv"), ("2way/pair_acc", "pair"), ("2way/s
 
 
 def run_demo(workdir: Path, *, experiments_dir: Path, seed: int = 0, pairs: int = 8,
-             tracking_uri: str | None = None, address: str | None = None) -> dict[str, list[BenchmarkRun]]:
+             tracking_uri: str | None = None, address: str | None = None) -> dict[str, list[BenchmarkResult]]:
     """Generate data and tiny models under ``workdir``, evaluate both models, print the table; returns the runs."""
     start = time.perf_counter()
     workdir = workdir.resolve()
@@ -39,11 +39,9 @@ def run_demo(workdir: Path, *, experiments_dir: Path, seed: int = 0, pairs: int 
     generate(workdir / "synth", seed=seed, pairs=pairs)
     whatsup = workdir / "synth" / "whatsup"
     uri = tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
-    results: dict[str, list[BenchmarkRun]] = {}
+    results: dict[str, list[BenchmarkResult]] = {}
     started = init_ray(address)
-    # The demo's own "N/M image rows" lines are the progress; Ray Data's periodic operator dumps are noise here.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray_data()
     try:
         for label, (experiment, family) in EXPERIMENTS.items():
             tiny = registry.resolve("tiny", family)(workdir / "tiny" / family, seed=seed)
@@ -52,7 +50,7 @@ def run_demo(workdir: Path, *, experiments_dir: Path, seed: int = 0, pairs: int 
                 f"benchmarks=[{{name: whatsup_controlled_a, root: '{whatsup}'}}, "
                 f"{{name: whatsup_controlled_b, root: '{whatsup}'}}]",
                 f"model.source={tiny}", f"output_dir={workdir / 'runs'}", f"tracking.uri={uri}",
-                "tracking.experiment=perceive_ray_demo", "resources.num_cpus_per_actor=0.5",
+                "tracking.experiment=perceive_ray_demo",
             ], smoke=True)
             results[label] = run_eval(config, run_id=f"demo-{family}", track=True)
     finally:
@@ -66,7 +64,7 @@ def run_demo(workdir: Path, *, experiments_dir: Path, seed: int = 0, pairs: int 
     return results
 
 
-def format_demo_table(results: dict[str, list[BenchmarkRun]]) -> str:
+def format_demo_table(results: dict[str, list[BenchmarkResult]]) -> str:
     """What'sUp 2-way individual / pair / set per model and subset, with the chance row."""
     header = f"{'model':<24} {'subset':<22}" + "".join(f"{name:>9}" for _, name in COLUMNS)
     lines = ["What'sUp Controlled, 2-way (true vs opposite caption)", header, "-" * len(header)]

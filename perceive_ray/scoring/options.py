@@ -5,7 +5,8 @@ filled, so a typo (``scorer.options.mdoe``) or a bad value fails ``perceive-ray 
 in well under a second, naming the key, before Ray starts or a model loads. Resume compares options after defaults
 are filled, so writing a default explicitly is not a change.
 
-``weight_fields`` names the options that point at weight files (their content enters the run's weights fingerprint).
+``weight_fields`` names the options that point at weight files (their content enters the run's weights fingerprint);
+``placement_fields`` the ones that only place the work (device, batch sizes), left out of the resume comparison.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class ScorerOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     weight_fields: ClassVar[tuple[str, ...]] = ()
+    # Options that place the work but do not change the scores: left out of the resume comparison.
+    placement_fields: ClassVar[tuple[str, ...]] = ("device", "text_batch_size")
 
 
 def format_option_errors(exc: ValidationError, *, scorer: str) -> str:
@@ -73,6 +76,9 @@ class VQAScoreOptions(ScorerOptions):
     # reference: softmax over the original model's vocabulary when the checkpoint records it (rows a port or the
     # converter appended, e.g. <image>, are left out); full: over every row of the loaded LM head.
     softmax_vocab: Literal["reference", "full"] = "reference"
+    # llama3 template only: True keeps the template's literal <|begin_of_text|> plus the tokenizer's BOS (two BOS,
+    # as the reference feeds; PROTOCOLS §3.2 step 3); False drops the tokenizer's extra BOS so exactly one remains.
+    llama3_double_bos: bool = True
     max_length: int | None = None  # default: the LM's max_position_embeddings; longer sequences are an error
     device: str | None = None  # default: cuda if available, else cpu
 

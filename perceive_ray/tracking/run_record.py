@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import subprocess
 from collections.abc import Iterable, Mapping
@@ -37,11 +38,12 @@ def git_sha(directory: str | Path | None = None) -> str:
 
 
 def build_run_record(dataset_hashes: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
-    """The record stored with every run: ``dataset_hashes`` maps benchmark -> {annotation file: sha256}."""
+    """The provenance stored with every run: ``dataset_hashes`` maps benchmark -> {annotation file: sha256}."""
     return {
         "git_sha": git_sha(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "machine": platform.node(),
         "packages": package_versions(),
         "dataset_hashes": {name: dict(hashes) for name, hashes in dataset_hashes.items()},
     }
@@ -56,14 +58,32 @@ def record_tags(record: Mapping[str, Any]) -> dict[str, str]:
     return tags
 
 
-def experiment_tags(config: Any, record: Mapping[str, Any], *, runner: str, run_id: str) -> dict[str, str]:
-    """Tags of one tracked evaluation: the run record plus scorer/model ids, tie policy, errata, benchmarks."""
+def flatten_tags(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested values -> flat ``a.b.c`` string tags (lists and scalars as JSON where not strings)."""
+    tags: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            tags.update(flatten_tags(value, prefix=f"{name}."))
+        else:
+            tags[name] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return tags
+
+
+def experiment_tags(config: Any, identity: Mapping[str, Any], *, runner: str, run_id: str) -> dict[str, str]:
+    """Tags of one tracked evaluation: the run record (git SHA, versions, dataset hashes), scorer/model ids, tie
+    policy, errata, benchmarks and the weights digest. The scorer's describe() is added as ``describe.*`` tags once
+    the scorer is built."""
+    from perceive_ray.models.fingerprint import fingerprint_digest
+
+    record = build_run_record(identity.get("datasets", {}))
     return record_tags(record) | {
         "benchmarks": ",".join(b.name for b in config.benchmarks),
         "scorer": config.scorer.name,
         "model.family": config.model.family,
         "model.source": config.model.source,
         "model.pretrained": str(config.model.pretrained),
+        "weights": fingerprint_digest(identity.get("weights", {})),
         "tie_policy": config.metrics.tie_policy,
         "label_errata": config.metrics.label_errata,
         "runner": runner,

@@ -28,6 +28,8 @@ class Tracker(Protocol):
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
 
+    def log_tags(self, tags: Mapping[str, str]) -> None: ...
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
     def finish(self, status: str = "FINISHED") -> None: ...
@@ -42,6 +44,9 @@ class NullTracker:
         return ""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_tags(self, tags: Mapping[str, str]) -> None:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -109,7 +114,7 @@ class MlflowTracker:
         self.run_id = ""
 
     def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         run = self.client.create_run(self.experiment_id, run_name=run_name)
         self.run_id = run.info.run_id
@@ -117,10 +122,15 @@ class MlflowTracker:
         items = [Param(k, v) for k, v in sorted(flat.items())]
         for begin in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, params=items[begin : begin + BATCH])
+        self.log_tags(tags)
+        return self.run_id
+
+    def log_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
         tag_items = [RunTag(k, str(v)[:MAX_TAG_CHARS]) for k, v in sorted(tags.items())]
         for begin in range(0, len(tag_items), BATCH):
             self.client.log_batch(self.run_id, tags=tag_items[begin : begin + BATCH])
-        return self.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         import time

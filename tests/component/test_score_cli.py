@@ -36,7 +36,9 @@ def test_score_clip_experiment_smoke(tmp_path, monkeypatch, capsys):
 def test_score_fails_before_loading_on_bad_dataset(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     experiment = REPO / "experiments" / "eval" / "clip_whatsup.yaml"
-    # No synthetic data and no tiny model: the dataset check fails first, naming the root.
-    assert main(["score", str(experiment), "--smoke"]) == 2
+    assert main(["model", "tiny", "clip", "--out", "runs/tiny/clip"]) == 0
+    # A dataset root that does not exist: the dataset check fails before the model loads, naming the root.
+    assert main(["score", str(experiment), "--smoke", "benchmarks.0.root=nowhere/whatsup"]) == 2
     err = capsys.readouterr().err
-    assert "synth/whatsup" in err and "is not a directory" in err
+    assert "nowhere/whatsup" in err and "is not a directory" in err
+    assert not (tmp_path / "runs" / "clip_vit_l14_336_whatsup").exists()

@@ -53,6 +53,9 @@ def test_score_logs_runs_to_server(server, workdir, monkeypatch, capsys):
     assert tags["tie_policy"] == "strict" and tags["label_errata"] == "original" and tags["scorer"] == "clip_cosine"
     assert tags["benchmarks"] == "whatsup_controlled_a,whatsup_controlled_b" and tags["runner"] == "local"
     assert tags["version.torch"] and tags["git_sha"]
+    # The scorer's describe() output is tagged too (describe.*), as in run_record.json and the scores' metadata.
+    assert tags["describe.scorer"] == "clip_cosine" and tags["describe.clip_transform"] == "val"
+    assert tags["describe.device"] == "cpu" and len(tags["weights"]) == 16
     assert len(tags["dataset.whatsup_controlled_a.controlled_images_dataset.json"]) == 64
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"whatsup_controlled_a", "whatsup_controlled_b", "config.yaml", "run_record.json"} <= artifacts

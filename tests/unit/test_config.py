@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from perceive_ray.config import ConfigError, apply_overrides, dump_config, load_config, validate_file
+from perceive_ray.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    dump_config,
+    load_config,
+    validate_file,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,9 +77,10 @@ def test_dump_round_trips(tmp_path):
         (["scorer.batchsize=3"], r"scorer.batchsize: unknown key"),
         (["scorer.batch_size=lots"], r"scorer.batch_size: Input should be a valid integer"),
         (["scorer.batch_size=0"], r"scorer.batch_size: Input should be greater than 0"),
-        (["benchmarks.0.name=whatsup_a"], r"benchmarks.0.name: Value error, unknown benchmark 'whatsup_a'"),
+        (["benchmarks.0.name=whatsup_a"], r"benchmarks.0.name: unknown benchmark 'whatsup_a'"),
         (["metrics.tie_policy=loose"], r"metrics.tie_policy: Input should be 'strict', 'argmax_first' or 'mmvp_reference'"),
-        (["metrics.tie_policy=mmvp_reference"], r"'mmvp_reference' applies to MMVP only, not to whatsup_controlled_a"),
+        (["metrics.tie_policy=mmvp_reference"],
+         r"metrics.tie_policy: 'mmvp_reference' does not apply to benchmarks.0 \(whatsup_controlled_a\)"),
         (["benchmarks.3.name=mmvp"], r"benchmarks.3 is not an index of a 1-item list"),
         (["no_equals_sign"], r"'no_equals_sign' is not of the form dotted.key=value"),
         (["seed.x=1"], r"seed is a value, not a mapping"),
@@ -117,6 +125,60 @@ def test_smoke_block_is_validated_too(tmp_path):
     text = EXPERIMENT.replace("scorer.batch_size: 2", "scorer.batch_sise: 2")
     with pytest.raises(ConfigError, match=r"scorer.batch_sise: unknown key"):
         validate_file(write(tmp_path, text=text))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["scorer.options.mdoe=t2v"], r"scorer.options.mdoe: unknown option of scorer 'clip_cosine' \(known: "),
+        (["scorer.options.clip_transform=random"], r"scorer.options.clip_transform: Input should be 'val' or"),
+        (["scorer.name=clip_cosinus"], r"scorer.name: unknown scorer 'clip_cosinus'; known: clip_cosine"),
+        (["model.family=clipp"], r"model.family: unknown model family 'clipp'; known: clip"),
+        (["model.family=llava"], r"model.family: scorer 'clip_cosine' accepts model families 'clip', not 'llava'"),
+        (["scorer.name=pacl"], r"scorer.options.head_weights: required option of scorer 'pacl' is missing"),
+        (["scorer.name=vqascore", "scorer.options={mode: t2v}"],
+         r"model.family: scorer 'vqascore' accepts model families 'llava', not 'clip'"),
+    ],
+)
+def test_scorer_options_and_families_are_checked_at_load(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(write(tmp_path), overrides)
+    assert str(tmp_path / "exp.yaml") in str(info.value)
+
+
+def test_options_are_filled_with_defaults_so_explicit_defaults_compare_equal(tmp_path):
+    plain = load_config(write(tmp_path))
+    explicit = load_config(write(tmp_path), ["scorer.options.clip_transform=val", "scorer.options.seed=0"])
+    assert plain.scorer.options == explicit.scorer.options == {"clip_transform": "val", "seed": 0}
+    assert plain == explicit
+
+
+def test_dict_overrides_are_the_same_mechanism(tmp_path):
+    as_strings = load_config(write(tmp_path), ["scorer.batch_size=32", "scorer.options.clip_transform=train_compat"])
+    as_dict = load_config(write(tmp_path), {"scorer.batch_size": 32, "scorer.options.clip_transform": "train_compat"})
+    assert as_strings == as_dict
+    with pytest.raises(ConfigError, match="scorer.options.mdoe: unknown option"):
+        load_config(write(tmp_path), {"scorer.options.mdoe": "t2v"})
+    with pytest.raises(ConfigError, match="'a..b' is not a dotted key"):
+        apply_overrides({}, {"a..b": 1})
+
+
+def test_kind_selects_the_root_schema(tmp_path):
+    assert load_config(write(tmp_path, text=EXPERIMENT + "kind: eval\n")).kind == "eval"
+    with pytest.raises(ConfigError, match=r"kind: 'tarin' is not one of eval"):
+        load_config(write(tmp_path, text=EXPERIMENT + "kind: tarin\n"))
+    assert load_config(write(tmp_path), schema=ExperimentConfig).name == "t"
+
+
+def test_a_smoke_block_cannot_mask_an_error_of_the_real_experiment(tmp_path):
+    text = EXPERIMENT.replace("scorer: {name: clip_cosine, batch_size: 16}",
+                              "scorer: {name: clip_cosine, batch_size: lots, options: {mdoe: x}}")
+    path = write(tmp_path, text=text)
+    load_config(path, ["scorer.batch_size=2", "scorer.options={}"], smoke=True)  # fixed by overrides: fine
+    with pytest.raises(ConfigError, match="scorer.batch_size: Input should be a valid integer"):
+        validate_file(path)  # both modes are validated; the smoke block fixes batch_size but not the file
+    with pytest.raises(ConfigError, match="scorer.options.mdoe: unknown option"):
+        validate_file(path, smoke=True)
 
 
 def test_override_values_are_yaml():

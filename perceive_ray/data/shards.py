@@ -1,7 +1,8 @@
 """Score shards of a run: atomic part files, what is already done (resume), and the final assembled tables.
 
 A run directory holds ``<benchmark>/shards/part-*.parquet``, each written whole (temp file + rename) by the driver
-as results stream in. Rows with ``error`` set record an unreadable image (text_index -1). Plain pyarrow: no Ray.
+as results stream in, whichever executor produced them. Rows with ``error`` set record an unreadable image
+(text_index -1). Plain pyarrow: no Ray.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from perceive_ray.data.manifest import Manifest
+from perceive_ray.data.scores import empty_scores
 
 
 class ShardWriter:
@@ -57,9 +59,7 @@ def assemble(table: pa.Table | None, manifest: Manifest) -> tuple[pa.Table, pa.T
     """Final (scores, errors): one score row per (item, image, text) in manifest order, first write wins; errors
     only for rows that never got scores."""
     if table is None:
-        table = pa.table({"item_id": pa.array([], pa.string()), "image_index": pa.array([], pa.int64()),
-                          "text_index": pa.array([], pa.int64()), "score": pa.array([], pa.float64()),
-                          "error": pa.array([], pa.string())})
+        table = empty_scores().append_column("error", pa.array([], pa.string()))
     is_error = pc.not_equal(table.column("error"), "")
     scores, errors = table.filter(pc.invert(is_error)), table.filter(is_error)
     order = {item.item_id: n for n, item in enumerate(manifest.items)}
@@ -79,12 +79,9 @@ def assemble(table: pa.Table | None, manifest: Manifest) -> tuple[pa.Table, pa.T
 
 def complete_items(manifest: Manifest, scores: pa.Table) -> Manifest:
     """The manifest restricted to items whose every (image, text) cell is scored (metrics need whole items)."""
-    from dataclasses import replace
-
     cells: dict[str, set[tuple[int, int]]] = defaultdict(set)
     for item_id, image, text in zip(scores.column("item_id").to_pylist(), scores.column("image_index").to_pylist(),
                                     scores.column("text_index").to_pylist(), strict=True):
         cells[item_id].add((int(image), int(text)))
-    whole = tuple(item for item in manifest.items
-                  if len(cells.get(item.item_id, ())) == len(item.images) * len(item.texts))
-    return replace(manifest, items=whole)
+    return manifest.restrict(item.item_id for item in manifest.items
+                             if len(cells.get(item.item_id, ())) == len(item.images) * len(item.texts))
