@@ -43,7 +43,8 @@ class ScorerEntry:
     """One scorer: the callable class, its typed options model and the model families it accepts.
 
     mmvp_logit_scale -- the factor the reference multiplies scores by before its float32 softmax over MMVP's two
-                        images (``tie_policy: mmvp_reference``): 100 for CLIP-style cosines, 1 for probabilities.
+                        images (``tie_policy: mmvp_reference``), read off each reference MMVP script (comments
+                        below): 100 where it scales cosines like CLIP, 1 where it softmaxes raw scores.
     """
 
     target: str
@@ -95,23 +96,36 @@ _ENTRIES: dict[str, dict[str, Any]] = {
         "seetrue": BenchmarkEntry(f"{_ADAPTERS}.seetrue:load_seetrue", f"{_METRICS}.auc:compute_seetrue",
                                   nan_tolerant=True),
     },
+    # mmvp_logit_scale sources: the reference's eval_MMVP functions at commit 1c73a50 (paths under
+    # Patch-Aligned-Contrastive-Learning/ unless a path is given).
     "scorers": {
+        # eval_clip.py:323  (100.0 * text_features @ image_features.T).softmax(dim=-1)
         "clip_cosine": ScorerEntry("perceive_ray.scoring.clip_cosine:ClipCosineScorer",
                                    f"{_OPTIONS}:ClipCosineOptions", ("clip",), mmvp_logit_scale=100.0),
+        # eval_vqa_score.py:270-273  text_probs.T.softmax(dim=-1) on the raw VQAScores
         "vqascore": ScorerEntry("perceive_ray.scoring.vqascore:VQAScoreScorer", f"{_OPTIONS}:VQAScoreOptions",
-                                ("llava",)),
+                                ("llava",), mmvp_logit_scale=1.0),
+        # VLM2Vec/eval_llava15.py:386-399  softmax of raw compute_similarity (VLM2Vec/src/model.py:247-248, a
+        # plain matmul; no temperature)
         "vlm2vec": ScorerEntry("perceive_ray.scoring.vlm2vec:Vlm2VecScorer", f"{_OPTIONS}:Vlm2VecOptions",
-                               ("vlm2vec",), mmvp_logit_scale=100.0),
+                               ("vlm2vec",), mmvp_logit_scale=1.0),
+        # [U] the reference has no LLM2CLIP MMVP path (open_clip/src/llm2clip-test.py covers What'sUp/COCO/VG
+        # only); 100 by analogy with its own 100.0 * image @ text.T there (llm2clip-test.py:69)
         "llm2clip": ScorerEntry("perceive_ray.scoring.llm2clip:Llm2ClipScorer", f"{_OPTIONS}:Llm2ClipOptions",
                                 ("llm2clip",), mmvp_logit_scale=100.0),
+        # eval_pacl.py:306-312  100.0 * image_feature @ text_features.T, diagonal, .float(), softmax
         "pacl": ScorerEntry("perceive_ray.scoring.heads:PaclScorer", f"{_OPTIONS}:PaclOptions", ("clip",),
                             mmvp_logit_scale=100.0),
+        # eval_pacl.py:306-312 (the same script evaluates pacl_rope_all.pth)
         "pacl_rope": ScorerEntry("perceive_ray.scoring.heads:PaclRopeScorer", f"{_OPTIONS}:PaclOptions", ("clip",),
                                  mmvp_logit_scale=100.0),
+        # eval_sparc.py:300-305  model.scoring(...) unscaled (model/pacl.py:446,450 "# * self.logit_scale")
         "sparc": ScorerEntry("perceive_ray.scoring.heads:SparcScorer", f"{_OPTIONS}:SparcOptions", ("clip",),
-                             mmvp_logit_scale=100.0),
+                             mmvp_logit_scale=1.0),
+        # eval_sparc.py:300-305 (the same script evaluates sparc_rope.pth)
         "sparc_rope": ScorerEntry("perceive_ray.scoring.heads:SparcRopeScorer", f"{_OPTIONS}:SparcOptions",
-                                  ("clip",), mmvp_logit_scale=100.0),
+                                  ("clip",), mmvp_logit_scale=1.0),
+        # eval_llm2pacl.py:315-321  100.0 * image_feature @ text_features.T, diagonal, .float(), softmax
         "pacl_llm_text": ScorerEntry("perceive_ray.scoring.heads:PaclLlmTextScorer",
                                      f"{_OPTIONS}:PaclLlmTextOptions", ("llm2clip",), mmvp_logit_scale=100.0),
     },

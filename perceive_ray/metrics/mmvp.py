@@ -5,15 +5,21 @@ Each item is one pair with a 2x2 grid ``S[image][text]``. For text t the two can
 
 - ``strict``: t is correct iff its gold image scores strictly higher (ties are wrong).
 - ``argmax_first``: numpy-argmax semantics, a tie picks image 0.
-- ``mmvp_reference``: the reference picks image 0 iff softmax P(image 0) > 0.5, i.e. ``S[0][t] > S[1][t]``; a
-  tie picks image 1 (against t0, in favour of t1).
+- ``mmvp_reference``: the reference's rule, float32 arithmetic included. It casts ``logit_scale * S[:, t]`` to
+  float32, takes torch's float32 softmax over the two images on the CPU and picks image 0 iff P(image 0) > 0.5,
+  else image 1. ``logit_scale`` is the scorer's factor (100 for cosines, 1 for VQAScore probabilities; the
+  registry's ``ScorerEntry.mmvp_logit_scale``). A gap below float32 resolution therefore becomes a tie, and a tie
+  picks image 1 (against t0, in favour of t1).
 
 A pair is correct iff both texts are. Keys: ``pair_acc`` (chance 0.25), ``individual_acc`` (chance 0.5) and,
-for MMVP-VLM, ``{category}/pair_acc`` and ``{category}/individual_acc``. Exact ties are counted once per text.
+for MMVP-VLM, ``{category}/pair_acc`` and ``{category}/individual_acc``. Ties are counted once per text: exact
+ties under ``strict`` / ``argmax_first``; under ``mmvp_reference`` the texts whose float32 decision differs from
+the exact comparison ``S[0][t] > S[1][t]`` or whose P(image 0) is exactly 0.5 (exact ties included).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -39,12 +45,19 @@ def compute_mmvp(
     *,
     tie_policy: str = "strict",
     label_errata: str = "original",
+    logit_scale: float = 1.0,
 ) -> MetricReport:
-    """Pair and individual accuracy of text->image matching over MMVP (150 pairs) or MMVP-VLM (135 pairs)."""
+    """Pair and individual accuracy of text->image matching over MMVP (150 pairs) or MMVP-VLM (135 pairs).
+
+    ``logit_scale`` multiplies the scores before the float32 softmax of ``tie_policy="mmvp_reference"``; the
+    other policies ignore it.
+    """
     benchmark = manifest.benchmark
     if benchmark not in BENCHMARKS:
         raise MetricError(f"compute_mmvp serves {', '.join(BENCHMARKS)}, not {benchmark!r}")
     check_policy(tie_policy, label_errata, benchmark=benchmark, allow_mmvp=True)
+    if not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise MetricError(f"logit_scale must be a finite positive number, got {logit_scale!r}")
     apply_errata = label_errata == "corrected" and benchmark == "mmvp"
 
     tally = Tally()
@@ -60,7 +73,7 @@ def compute_mmvp(
         gold = (1, 0) if swap else (0, 1)
         correct = []
         for t in (0, 1):
-            ok, tied = _text_correct(grid[:, t], gold[t], tie_policy)
+            ok, tied = _text_correct(grid[:, t], gold[t], tie_policy, logit_scale)
             tally.ties += int(tied)
             correct.append(ok)
         keys = [""]
@@ -109,10 +122,20 @@ def _is_erratum(item: Item) -> bool:
     return tuple(int(i) for i in ids) in ERRATA_QUESTION_IDS
 
 
-def _text_correct(column: np.ndarray, gold: int, tie_policy: str) -> tuple[bool, bool]:
+def reference_image0_probability(column: np.ndarray, logit_scale: float = 1.0) -> float:
+    """P(image 0) as the reference computes it: torch's float32 CPU softmax of float32(logit_scale * scores)."""
+    import torch  # only this policy needs it; the other metrics stay numpy-only
+
+    logits = torch.from_numpy(np.asarray(logit_scale * np.asarray(column, dtype=np.float64), dtype=np.float32))
+    return float(torch.softmax(logits, dim=-1)[0])
+
+
+def _text_correct(column: np.ndarray, gold: int, tie_policy: str, logit_scale: float = 1.0) -> tuple[bool, bool]:
     """Whether a text with scores ``column`` over (image 0, image 1) picks image ``gold``; and if it tied."""
     if tie_policy == "mmvp_reference":
-        predicted = 0 if column[0] > column[1] else 1
-        return predicted == gold, bool(column[0] == column[1])
+        p0 = reference_image0_probability(column, logit_scale)
+        predicted = 0 if p0 > 0.5 else 1
+        exact = 0 if column[0] > column[1] else 1
+        return predicted == gold, bool(predicted != exact or p0 == 0.5)
     ok, tied = wins([float(column[0]), float(column[1])], gold, tie_policy)
     return bool(ok), bool(tied)

@@ -15,9 +15,15 @@ usually no vision tower (it is loaded from ``mm_vision_tower``, e.g. ``openai/cl
   ``mm_vision_select_feature`` (``patch`` | ``cls``) is kept in config.json, where ``perceive_ray.models.llava``
   reads it to build ``LlavaClsForConditionalGeneration`` for the one-token cls models (PROTOCOLS §5.7);
 - vocabulary: like the reference loader (``resize_token_embeddings(len(tokenizer))``) the embedding rows are cut to
-  the tokenizer's length (Phi-3 stores 32064 rows for 32011 tokens), then an ``<image>`` token is appended with
-  zero input/output rows. Its logit is therefore exactly 0; ``perceive_ray.json`` records ``reference_vocab_size``
-  (the softmax width of the original loader) so a scorer can drop the added column.
+  the tokenizer's length (Phi-3 stores 32064 rows for 32011 tokens);
+- LLaMA-3 ``<pad>`` (``llama3_pad_row``, PROTOCOLS §3.2 step 4, §7): for the ``llama3`` template, when the
+  tokenizer has no pad token, the reference's VQAScore loader adds ``<pad>`` and sets its new input and output
+  embedding rows to the mean of the existing rows. ``mean`` (default) reproduces that row, which then takes part in
+  the full-vocabulary softmax; ``none`` adds nothing (the tokenizer keeps no pad token);
+- then an ``<image>`` token is appended with zero input/output rows. Its logit is therefore exactly 0;
+  ``perceive_ray.json`` records ``reference_vocab_size`` (the softmax width of the reference loader: the
+  tokenizer's rows plus the ``<pad>`` row when one was added, never ``<image>``) so a scorer can drop the added
+  column, and ``llama3_pad_row`` / ``pad_row_id`` (the id of the added row, or null).
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ CONFIG_FILE = "config.json"
 SUPPORTED_PROJECTOR = "mlp2x_gelu"
 PROJECTOR_PREFIX = "model.mm_projector."
 EMBEDDED_TOWER_PREFIX = "model.vision_tower.vision_tower."  # original CLIPVisionTower wraps CLIPVisionModel
+LLAMA3_PAD_TOKEN = "<pad>"  # what the reference adds to a LLaMA-3 tokenizer without a pad token
+LLAMA3_PAD_ROWS = ("mean", "none")
 _WEIGHT_LAYOUTS = (  # (index file, single file), in order of preference
     ("model.safetensors.index.json", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
@@ -218,8 +226,12 @@ def infer_template(text_type: str, tokenizer: Any) -> str:
 
 def compute_converted_weights(original: OriginalLlava, weights_origin: Path, tensors: dict[str, torch.Tensor],
                               tower: dict[str, torch.Tensor], *, vocab_rows: int, new_rows: int,
-                              dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Rename original tensors to the in-memory names of transformers 5.x ``LlavaForConditionalGeneration``."""
+                              dtype: torch.dtype, mean_rows: int = 0) -> dict[str, torch.Tensor]:
+    """Rename original tensors to the in-memory names of transformers 5.x ``LlavaForConditionalGeneration``.
+
+    Input and output embeddings get ``vocab_rows`` original rows, then ``mean_rows`` rows equal to the mean of
+    those (the reference's ``<pad>`` initialisation, computed in float32), then ``new_rows`` zero rows.
+    """
     out: dict[str, torch.Tensor] = {}
     embedded_tower: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
@@ -265,8 +277,11 @@ def compute_converted_weights(original: OriginalLlava, weights_origin: Path, ten
             raise ConversionError(f"{weights_origin}: {_original_name(key)} has {rows.shape[0]} rows but "
                                   f"{original.config_path} "
                                   f"says vocab_size={original.vocab_size}")
-        # (vocab_rows + new_rows, D): the reference's resize to len(tokenizer), then zero rows for <image>.
-        out[key] = torch.cat([rows[:vocab_rows], rows.new_zeros(new_rows, rows.shape[1])])
+        # (vocab_rows + mean_rows + new_rows, D): the reference's resize to len(tokenizer), its mean-initialised
+        # <pad> row(s), then zero rows for <image>.
+        kept = rows[:vocab_rows]
+        mean = kept.float().mean(dim=0, keepdim=True).to(rows.dtype).expand(mean_rows, -1)
+        out[key] = torch.cat([kept, mean, rows.new_zeros(new_rows, rows.shape[1])])
     return {k: v.to(dtype) for k, v in out.items()}
 
 
@@ -314,13 +329,16 @@ def build_llava_config(original: OriginalLlava, vision_config: CLIPVisionConfig,
 
 
 def convert_llava(src: str | Path, dst: str | Path, *, template: str | None = None,
-                  vision_tower_dir: str | Path | None = None, dtype: str | None = None) -> Path:
+                  vision_tower_dir: str | Path | None = None, dtype: str | None = None,
+                  llama3_pad_row: str = "mean") -> Path:
     """Convert an original LLaVA / LLaVA++ checkpoint dir ``src`` into a transformers Llava dir ``dst``.
 
     ``template`` (chat | phi3_instruct | llama3) goes into ``perceive_ray.json``; None infers it from the LM.
     ``vision_tower_dir`` overrides the config's ``mm_vision_tower``. ``dtype`` (float32 | bfloat16 | float16)
     defaults to the LM embedding's dtype; every tensor is written in it, as safetensors. ``dst`` appears only
-    when everything is written (it is assembled in a hidden sibling directory first).
+    when everything is written (it is assembled in a hidden sibling directory first). ``llama3_pad_row``
+    (``mean`` | ``none``) decides whether a ``llama3`` checkpoint whose tokenizer has no pad token gets the
+    reference's mean-initialised ``<pad>`` row (module docstring); other templates are never changed by it.
     """
     src, dst = Path(src), Path(dst)
     if dst.exists() and any(dst.iterdir()):
@@ -329,6 +347,8 @@ def convert_llava(src: str | Path, dst: str | Path, *, template: str | None = No
         raise ConversionError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
     if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ConversionError(f"dtype {dtype!r} is not a torch dtype (float32 | bfloat16 | float16)")
+    if llama3_pad_row not in LLAMA3_PAD_ROWS:
+        raise ConversionError(f"llama3_pad_row={llama3_pad_row!r}; use one of {', '.join(LLAMA3_PAD_ROWS)}")
     original = load_original_config(src)
     tower_ref = vision_tower_dir if vision_tower_dir is not None else original.vision_tower
     if tower_ref is None:
@@ -345,6 +365,16 @@ def convert_llava(src: str | Path, dst: str | Path, *, template: str | None = No
     if vocab_rows > original.vocab_size:
         raise ConversionError(f"{src}: tokenizer has {vocab_rows} tokens but {original.config_path} says "
                               f"vocab_size={original.vocab_size}; the missing rows cannot be reproduced")
+    template = template or infer_template(original.text_type, tokenizer)
+    mean_rows, pad_row_id = 0, None
+    if template == "llama3" and tokenizer.pad_token is None and llama3_pad_row == "mean":
+        if LLAMA3_PAD_TOKEN in tokenizer.get_vocab():
+            raise ConversionError(f"{src}: the tokenizer has {LLAMA3_PAD_TOKEN!r} but no pad token; "
+                                  "the reference's added <pad> row cannot be reproduced")
+        tokenizer.add_special_tokens({"pad_token": LLAMA3_PAD_TOKEN})
+        mean_rows, pad_row_id = 1, tokenizer.pad_token_id
+        if pad_row_id != vocab_rows:
+            raise ConversionError(f"{src}: {LLAMA3_PAD_TOKEN!r} got id {pad_row_id}, expected {vocab_rows}")
     new_rows = 0
     if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)], special_tokens=True)
@@ -353,8 +383,9 @@ def convert_llava(src: str | Path, dst: str | Path, *, template: str | None = No
     embed = tensors.get("model.embed_tokens.weight")
     target_dtype = getattr(torch, dtype) if dtype is not None else (embed.dtype if embed is not None else torch.float32)
     state = compute_converted_weights(original, weights_origin, tensors, tower, vocab_rows=vocab_rows,
-                                      new_rows=new_rows, dtype=target_dtype)
-    config = build_llava_config(original, vision_config, vocab_size=vocab_rows + new_rows,
+                                      new_rows=new_rows, dtype=target_dtype, mean_rows=mean_rows)
+    reference_vocab = vocab_rows + mean_rows  # the reference's softmax width: its <pad> row included
+    config = build_llava_config(original, vision_config, vocab_size=reference_vocab + new_rows,
                                 image_token_id=image_token_id)
     kind = LlavaClsForConditionalGeneration if original.select_feature == "cls" else LlavaForConditionalGeneration
     with torch.device("meta"):  # no allocation: the loaded tensors are assigned in place
@@ -378,12 +409,14 @@ def convert_llava(src: str | Path, dst: str | Path, *, template: str | None = No
             shutil.copy2(src / "tokenizer.model", partial / "tokenizer.model")  # the SentencePiece model
         build_image_processor(tower_dir, vision_config.image_size).save_pretrained(partial)
         sidecar = {
-            "template": template or infer_template(original.text_type, tokenizer),
+            "template": template,
             "select_feature": original.select_feature,
             "converted_from": str(src),
             "vision_tower": str(tower_ref),
             "image_token_id": image_token_id,
-            "reference_vocab_size": vocab_rows,  # logits columns >= this were added by the converter (zero rows)
+            "reference_vocab_size": reference_vocab,  # logits columns >= this were added by the converter (zero rows)
+            "llama3_pad_row": llama3_pad_row,
+            "pad_row_id": pad_row_id,  # the mean-initialised <pad> row, or null when none was added
         }
         (partial / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
         if dst.exists():
@@ -394,134 +427,3 @@ def convert_llava(src: str | Path, dst: str | Path, *, template: str | None = No
         raise
     return dst
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tiny checkpoints in the ORIGINAL layout (random init), the converter's test input.
-
-# Vision width 24 != LM width 32, so a transposed projector cannot pass; 32 px / patch 8 -> V = 16 patches.
-TINY_ORIGINAL_VISION = {"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 2,
-                        "image_size": 32, "patch_size": 8, "initializer_range": 0.2}
-_TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-            "initializer_range": 0.2, "tie_word_embeddings": False, "use_cache": True}
-# template -> (original architecture, model_type, text type, specials, bos, eos, pad, extra LM fields, padded rows)
-_TINY_FLAVOURS = {
-    "chat": ("LlavaLlamaForCausalLM", "llava", "llama", ("<unk>", "<s>", "</s>"), "<s>", "</s>", "<unk>",
-             {"num_key_value_heads": 2, "rope_theta": 10000.0, "pretraining_tp": 1}, 0),
-    # Phi-3 stores more embedding rows than tokens (32064 vs 32011): 13 padded rows exercise the resize.
-    "phi3_instruct": ("LlavaPhiForCausalLM", "llava_phi", "phi3",
-                      ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"),
-                      "<s>", "<|endoftext|>", "<unk>",
-                      {"num_key_value_heads": 4, "rope_theta": 10000.0, "sliding_window": 2047,
-                       "original_max_position_embeddings": 2048}, 13),
-    "llama3": ("LlavaLlamaForCausalLM", "llava_llama", "llama",
-               ("<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                "<|eot_id|>"), "<|begin_of_text|>", "<|end_of_text|>", None,
-               {"num_key_value_heads": 2, "rope_theta": 500000.0, "pretraining_tp": 1}, 0),
-}
-
-
-def build_tiny_original_tokenizer(template: str = "chat"):
-    """A small LLaMA-like BPE tokenizer trained in-process on the §3.2 prompts; no ``<image>`` token (as shipped)."""
-    import string
-
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from perceive_ray.models.llava import TINY_CORPUS_QUESTION as VQASCORE_QUESTION
-
-    _, _, _, specials, bos, eos, pad, _, _ = _TINY_FLAVOURS[template]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.add_special_tokens(list(specials))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
-    ])
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    corpus = []
-    for caption in ("a mug on a table", "a dog to the left of a chair", "a photo of a red cube", "Yes", "No"):
-        conv = TEMPLATES[template]  # only its own template: no other model's markers merge into tokens
-        text = conv.render_question_part(VQASCORE_QUESTION.replace("{}", caption)) + conv.render_answer_part("Yes")
-        corpus.append(text.replace(IMAGE_PLACEHOLDER, ""))
-    alphabet = [c for c in string.printable if c not in "\x0b\x0c\r"] + ["▁"]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=list(specials),
-                                                         initial_alphabet=alphabet, show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                       special_tokens=[(bos, tok.token_to_id(bos))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="<unk>",
-                                   pad_token=pad)
-
-
-def save_tiny_original_llava(path: str | Path, *, template: str = "chat", seed: int = 0,
-                             select_feature: str = "patch", weights_format: str = "safetensors",
-                             embedded_tower_seed: int | None = None, unfreeze_vision_tower: bool = False) -> Path:
-    """Write a random-init tiny checkpoint in the original LLaVA / LLaVA++ layout; return ``path``.
-
-    ``path/vision_tower`` holds a tiny full ``CLIPModel`` (the layout of ``openai/clip-vit-large-patch14-336``)
-    that ``mm_vision_tower`` points to. ``weights_format="bin"`` writes two ``pytorch_model-*.bin`` shards with an
-    index and the ``rotary_emb.inv_freq`` buffers old LLaMA checkpoints carry. ``embedded_tower_seed`` also stores
-    a different random vision tower inside the checkpoint (``model.vision_tower.vision_tower.vision_model.*``).
-    """
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, CLIPConfig, CLIPModel
-
-    if template not in _TINY_FLAVOURS:
-        raise ValueError(f"unknown template {template!r}")
-    arch, model_type, text_type, _, bos, eos, pad, extra, padded_rows = _TINY_FLAVOURS[template]
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_original_tokenizer(template)
-    tokenizer.save_pretrained(path)
-    ids = tokenizer.convert_tokens_to_ids
-    lm_fields = {**_TINY_LM, **extra, "vocab_size": len(tokenizer) + padded_rows, "bos_token_id": ids(bos),
-                 "eos_token_id": ids(eos), "pad_token_id": ids(pad) if pad else None}
-
-    def build_clip(clip_seed: int) -> CLIPModel:
-        text = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                "vocab_size": 64, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
-        torch.manual_seed(clip_seed)
-        return CLIPModel(CLIPConfig(vision_config=TINY_ORIGINAL_VISION, text_config=text, projection_dim=16))
-
-    with torch.random.fork_rng(devices=[]):
-        clip = build_clip(seed + 1)
-        torch.manual_seed(seed)
-        lm = AutoModelForCausalLM.from_config(CONFIG_MAPPING[text_type](**lm_fields))
-        width, mm = _TINY_LM["hidden_size"], TINY_ORIGINAL_VISION["hidden_size"]
-        state = {k: v.contiguous() for k, v in lm.state_dict().items()}  # already model.* / lm_head.weight
-        state.update({f"{PROJECTOR_PREFIX}0.weight": 0.2 * torch.randn(width, mm),
-                      f"{PROJECTOR_PREFIX}0.bias": 0.2 * torch.randn(width),
-                      f"{PROJECTOR_PREFIX}2.weight": 0.2 * torch.randn(width, width),
-                      f"{PROJECTOR_PREFIX}2.bias": 0.2 * torch.randn(width)})
-        if embedded_tower_seed is not None:
-            embedded = build_clip(embedded_tower_seed).vision_model.state_dict()
-            state.update({f"{EMBEDDED_TOWER_PREFIX}vision_model.{k}": v for k, v in embedded.items()})
-    tower_dir = path / "vision_tower"
-    clip.save_pretrained(tower_dir)
-    size = TINY_ORIGINAL_VISION["image_size"]
-    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}) \
-        .save_pretrained(tower_dir)
-
-    # Legacy (transformers 4.3x/4.4x) config fields, as the released checkpoints have them.
-    config = {"architectures": [arch], "model_type": model_type, **lm_fields, "torch_dtype": "float32",
-              "transformers_version": "4.37.2", "rope_scaling": None, "mm_vision_tower": str(tower_dir.resolve()),
-              "mm_hidden_size": TINY_ORIGINAL_VISION["hidden_size"], "mm_projector_type": SUPPORTED_PROJECTOR,
-              "mm_vision_select_layer": -2, "mm_vision_select_feature": select_feature,
-              "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "mm_patch_merge_type": "flat",
-              "image_aspect_ratio": "pad", "tune_mm_mlp_adapter": False, "freeze_mm_mlp_adapter": False,
-              "use_mm_proj": True, "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right",
-              "unfreeze_mm_vision_tower": unfreeze_vision_tower}
-    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    if weights_format == "safetensors":
-        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    elif weights_format == "bin":
-        for layer in range(_TINY_LM["num_hidden_layers"]):  # (head_dim / 2,) buffers the converter must drop
-            state[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
-        keys = sorted(state)
-        shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
-        for name, shard_keys in shards.items():
-            torch.save({k: state[k] for k in shard_keys}, path / name)
-        weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}
-        (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    else:
-        raise ValueError(f"unknown weights_format {weights_format!r}")
-    return path

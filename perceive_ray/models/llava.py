@@ -25,9 +25,6 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoTokenizer,
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedTokenizerFast,
@@ -94,6 +91,8 @@ class LlavaBundle:
     num_visual_tokens: int  # V: positions one <image> placeholder expands to
     source: str
     reference_vocab_size: int | None = None  # softmax width of the original model, when rows were added after it
+    llama3_pad_row: str | None = None  # the converter's switch (mean | none), when the converter wrote the sidecar
+    pad_row_id: int | None = None  # the converter's mean-initialised <pad> row (inside reference_vocab_size)
 
 
 def compute_num_visual_tokens(config: LlavaConfig) -> int:
@@ -166,10 +165,12 @@ def load_llava(model: ModelConfig, *, device: str | torch.device | None = None,
         raise ConfigError(f"{model.source}: tokenizer id of {IMAGE_PLACEHOLDER} "
                           f"({tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)}) != config image_token_id "
                           f"({image_token_id})")
+    sidecar = read_sidecar(model.source)
     return LlavaBundle(model=net, image_processor=image_processor, tokenizer=tokenizer, template=template,
                        select_feature=select_feature, image_token_id=image_token_id,
                        num_visual_tokens=compute_num_visual_tokens(config), source=model.source,
-                       reference_vocab_size=read_sidecar(model.source).get("reference_vocab_size"))
+                       reference_vocab_size=sidecar.get("reference_vocab_size"),
+                       llama3_pad_row=sidecar.get("llama3_pad_row"), pad_row_id=sidecar.get("pad_row_id"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,6 +234,14 @@ def build_tiny_tokenizer(*, bos: str = "<s>", pad: str = "<unk>", vocab_size: in
                                    pad_token=pad, additional_special_tokens=extra)
 
 
+# The tests' tiny LLaVA: 3-layer CLIP tower (hidden 32, MLP 64, 2 heads), 2-layer LLaMA (hidden 32, MLP 64, 4 heads,
+# 2 KV heads). A larger init range than the default 0.02 makes the random model position- and content-sensitive, so
+# equivalence tests would notice a wrong position id or a leaked pad.
+TINY_LLAVA_SIZES = {"vision_width": 32, "vision_layers": 3, "vision_heads": 2, "vision_intermediate": 64,
+                    "projection_dim": 32, "text_width": 32, "text_layers": 2, "text_heads": 4, "text_kv_heads": 2,
+                    "text_intermediate": 64, "max_positions": 2048, "initializer_range": 0.2}
+
+
 def save_tiny_llava(path: str | Path, *, template: str = "chat", select_feature: str = "patch", seed: int = 0,
                     image_size: int = TINY_IMAGE_SIZE, patch_size: int = TINY_PATCH_SIZE) -> Path:
     """Write a random-init tiny LLaVA (3-layer CLIP, 2-layer LLaMA, hidden 32) + tokenizer + CLIP processor.
@@ -240,38 +249,10 @@ def save_tiny_llava(path: str | Path, *, template: str = "chat", select_feature:
     The llama3 variant uses ``<|begin_of_text|>`` as BOS and ``<pad>`` as pad, so the double BOS of the real
     LLaMA-3 template is reproduced; the others use ``<s>`` and pad with ``<unk>`` (PROTOCOLS §3.2).
     """
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}")
-    if select_feature not in SELECT_FEATURES:
-        raise ValueError(f"unknown select_feature {select_feature!r}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    bos, pad = ("<|begin_of_text|>", "<pad>") if template == "llama3" else ("<s>", "<unk>")
-    tokenizer = build_tiny_tokenizer(bos=bos, pad=pad)
-    ids = tokenizer.convert_tokens_to_ids
-    # A larger init range than the default 0.02 makes the random model position- and content-sensitive, so
-    # equivalence tests would notice a wrong position id or a leaked pad.
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                              image_size=image_size, patch_size=patch_size, projection_dim=32,
-                              initializer_range=0.2)
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=2048,
-                       bos_token_id=ids(bos), eos_token_id=ids("</s>"), pad_token_id=ids(pad),
-                       initializer_range=0.2, tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=ids(IMAGE_PLACEHOLDER),
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         image_seq_length=1 if select_feature == "cls" else (image_size // patch_size) ** 2)
-    setattr(config, SELECT_FEATURE_KEY, select_feature)
-    kind = LlavaClsForConditionalGeneration if select_feature == "cls" else LlavaForConditionalGeneration
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = kind(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                          crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
-    (path / SIDECAR).write_text(json.dumps({"template": template}, indent=2) + "\n", encoding="utf-8")
-    return path
+    from perceive_ray.models.tiny import save_llava
+
+    return save_llava(path, seed=seed, template=template, select_feature=select_feature, image_size=image_size,
+                      patch_size=patch_size, **TINY_LLAVA_SIZES)
 
 
 def save_tiny_llava_phi3(path: str | Path, *, seed: int = 0) -> Path:

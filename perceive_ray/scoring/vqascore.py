@@ -62,11 +62,18 @@ class CompatSequence:
         return self.ids[self.answer_start:]
 
 
-def tokenize_compat(tokenizer: Any, prompt: str, *, image_token_id: int, num_visual: int) -> list[int]:
+def tokenize_compat(tokenizer: Any, prompt: str, *, image_token_id: int, num_visual: int,
+                    double_bos: bool = True) -> list[int]:
     """LLaVA's ``tokenizer_image_token``: split at <image>, tokenise chunks, drop later chunks' first token when
-    chunk 0 starts with BOS, and put ``num_visual`` image-token ids between the chunks."""
+    chunk 0 starts with BOS, and put ``num_visual`` image-token ids between the chunks.
+
+    ``double_bos=False``: when chunk 0 starts with two BOS (the tokenizer's own and a literal one in the prompt,
+    as in the llama3 template), drop the tokenizer's so exactly one remains."""
     chunks = [list(tokenizer(chunk).input_ids) for chunk in prompt.split(IMAGE_PLACEHOLDER)]
-    offset = 1 if chunks[0] and chunks[0][0] == tokenizer.bos_token_id else 0
+    bos = tokenizer.bos_token_id
+    if not double_bos and bos is not None and chunks[0][:2] == [bos, bos]:
+        chunks[0] = chunks[0][1:]
+    offset = 1 if chunks[0] and chunks[0][0] == bos else 0
     ids = chunks[0][:1] if offset else []
     for index, chunk in enumerate(chunks):
         if index:
@@ -76,14 +83,20 @@ def tokenize_compat(tokenizer: Any, prompt: str, *, image_token_id: int, num_vis
 
 
 def build_compat_sequence(tokenizer: Any, template: ConversationTemplate, text: str, *, answer: str,
-                          question: str = VQASCORE_QUESTION, image_token_id: int, num_visual: int) -> CompatSequence:
-    """Q*(text) + answer + EOT, with labels masked by Q*'s chunk-wise token length (-1 if Q* ends with a space)."""
+                          question: str = VQASCORE_QUESTION, image_token_id: int, num_visual: int,
+                          llama3_double_bos: bool = True) -> CompatSequence:
+    """Q*(text) + answer + EOT, with labels masked by Q*'s chunk-wise token length (-1 if Q* ends with a space).
+
+    ``llama3_double_bos=False`` (llama3 template only) keeps one BOS instead of the reference's two."""
     q_star = render_question_part(template, text, question=question)
     full = q_star + render_answer_part(template, answer)
     if full.count(IMAGE_PLACEHOLDER) != 1:
         raise ValueError(f"the VQAScore prompt must contain exactly one {IMAGE_PLACEHOLDER}: {full!r}")
-    ids = tokenize_compat(tokenizer, full, image_token_id=image_token_id, num_visual=num_visual)
-    q_len = len(tokenize_compat(tokenizer, q_star, image_token_id=image_token_id, num_visual=1))
+    double_bos = llama3_double_bos or template.name != "llama3"
+    ids = tokenize_compat(tokenizer, full, image_token_id=image_token_id, num_visual=num_visual,
+                          double_bos=double_bos)
+    q_len = len(tokenize_compat(tokenizer, q_star, image_token_id=image_token_id, num_visual=1,
+                                double_bos=double_bos))
     if q_star.endswith(" "):
         q_len -= 1  # the lone "▁" of Q* merges into "▁Yes" in the joint string
     sequence = CompatSequence(ids=tuple(ids), answer_start=q_len + num_visual - 1)
@@ -155,7 +168,8 @@ class VQAScoreScorer:
 
     def describe(self) -> dict[str, Any]:
         """What a run record needs to reproduce these scores (PROTOCOLS §8.13): templates, answer/EOT token ids and
-        strings, softmax width, dtype, visual tokens, device."""
+        strings, softmax width (with the converter's LLaMA-3 <pad> row mode), BOS handling, dtype, visual tokens,
+        device."""
         opts, bundle = self.options, self.bundle
         return {
             "scorer": "vqascore", "prompts_version": self.prompts_version, "template": self.template.name,
@@ -165,6 +179,9 @@ class VQAScoreScorer:
             "image_preprocess": opts.image_preprocess, "sharing": opts.sharing, "dtype": str(bundle.model.dtype).removeprefix("torch."),
             "select_feature": bundle.select_feature, "num_visual_tokens": bundle.num_visual_tokens,
             "vocab_size": self.vocab_size, "softmax_vocab": opts.softmax_vocab,
+            "reference_vocab_size": bundle.reference_vocab_size, "llama3_pad_row": bundle.llama3_pad_row,
+            "pad_row_id": bundle.pad_row_id,
+            "llama3_double_bos": opts.llama3_double_bos if self.template.name == "llama3" else None,
             "tokens": {name: list(entry) for name, entry in self.token_record.items()},
         }
 
@@ -172,7 +189,7 @@ class VQAScoreScorer:
     def build_candidate(self, text: str) -> _Candidate:
         bundle, opts = self.bundle, self.options
         kwargs = {"question": opts.question, "image_token_id": bundle.image_token_id,
-                  "num_visual": bundle.num_visual_tokens}
+                  "num_visual": bundle.num_visual_tokens, "llama3_double_bos": opts.llama3_double_bos}
         yes = build_compat_sequence(bundle.tokenizer, self.template, text, answer=opts.answer, **kwargs)
         a0 = yes.answer_start
         if len(yes.ids) > self.max_length:
@@ -310,7 +327,11 @@ class VQAScoreScorer:
     @property
     def pad_id(self) -> int:
         tok = self.bundle.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.unk_token_id
+        # Right padding under an attention mask: the id only has to exist (LLaMA-3 without <pad> has no unk either).
+        for candidate in (tok.pad_token_id, tok.unk_token_id, tok.eos_token_id):
+            if candidate is not None:
+                return candidate
+        return 0
 
     # -- contract ---------------------------------------------------------------------------------------------
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:

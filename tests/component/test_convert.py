@@ -12,24 +12,28 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import (
     CONFIG_MAPPING,
     AutoModelForCausalLM,
     AutoTokenizer,
+    CLIPImageProcessorPil,
     CLIPModel,
     LlavaForConditionalGeneration,
     PreTrainedTokenizerFast,
 )
 
-from perceive_ray.config import ConfigError, ModelConfig
+from perceive_ray.config import ConfigError, ModelConfig, ScorerConfig
 from perceive_ray.models.chat_templates import IMAGE_PLACEHOLDER, TEMPLATES
-from perceive_ray.models.convert import ConversionError, convert_llava, save_tiny_original_llava
+from perceive_ray.models.convert import ConversionError, convert_llava
 from perceive_ray.models.llava import LlavaClsForConditionalGeneration, load_llava
 from perceive_ray.scoring.prompts import VQASCORE_QUESTION
+from tests.fixtures.original_llava import save_tiny_original_llava
 
 torch.set_num_threads(2)
 
@@ -105,11 +109,16 @@ def _pixels(seed: int = 0, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def _check_parity(converted: list[torch.Tensor], reference: list[torch.Tensor], vocab: int) -> None:
+def _check_parity(converted: list[torch.Tensor], reference: list[torch.Tensor], vocab: int,
+                  pad_rows: int = 0) -> None:
+    """Converted logits = original ones, then ``pad_rows`` mean-row columns, then the <image> column."""
     for conv, ref in zip(converted, reference, strict=True):
-        assert conv.shape == (ref.shape[0], vocab + 1)  # + the <image> column: zero rows, a logit of exactly 0
-        assert torch.equal(conv[:, vocab], torch.zeros_like(conv[:, vocab]))
+        image = vocab + pad_rows
+        assert conv.shape == (ref.shape[0], image + 1)  # + the <image> column: zero rows, a logit of exactly 0
+        assert torch.equal(conv[:, image], torch.zeros_like(conv[:, image]))
         torch.testing.assert_close(conv[:, :vocab], ref[:, :vocab], atol=1e-5, rtol=0)
+        for column in range(vocab, image):  # a mean output row: its logit is the mean of the original logits
+            torch.testing.assert_close(conv[:, column], ref[:, :vocab].mean(-1), atol=1e-5, rtol=0)
         assert ref[:, :vocab].abs().max() > 1.0  # not a degenerate all-near-zero model
     assert (reference[0][-3:] - reference[1][-3:]).abs().max() > 1e-2  # the image (and caption) matter
 
@@ -123,11 +132,13 @@ def test_convert_matches_original_logits(tmp_path, template, weights_format):
     original_tok = PreTrainedTokenizerFast.from_pretrained(src)  # the class: AutoTokenizer would parse config.json
     tokenizer = AutoTokenizer.from_pretrained(dst)
     vocab = len(original_tok)
+    pad = 1 if template == "llama3" else 0  # the tiny llama3 tokenizer has no pad token: <pad> row added (mean)
     sidecar = json.loads((dst / "perceive_ray.json").read_text())
     assert sidecar["template"] == template  # inferred from the LM and its vocabulary
-    assert sidecar["select_feature"] == "patch" and sidecar["reference_vocab_size"] == vocab
+    assert sidecar["select_feature"] == "patch" and sidecar["reference_vocab_size"] == vocab + pad
+    assert sidecar["pad_row_id"] == (vocab if pad else None) and sidecar["llama3_pad_row"] == "mean"
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    assert image_token_id == vocab == sidecar["image_token_id"]
+    assert image_token_id == vocab + pad == sidecar["image_token_id"]
 
     chunks = [_prompt_chunks(original_tok, template, c) for c in CAPTIONS]
     assert chunks == [_prompt_chunks(tokenizer, template, c) for c in CAPTIONS]  # same text ids after conversion
@@ -140,13 +151,14 @@ def test_convert_matches_original_logits(tmp_path, template, weights_format):
     assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (-2, "default")
     assert cfg.image_token_id == image_token_id and cfg.text_config.model_type == (
         "phi3" if template == "phi3_instruct" else "llama")
-    _check_parity(compute_converted_logits(model, chunks, pixels, image_token_id, 16), reference, vocab)
+    _check_parity(compute_converted_logits(model, chunks, pixels, image_token_id, 16), reference, vocab, pad)
 
     bundle = load_llava(ModelConfig(family="llava", source=str(dst), dtype="float32"))
     assert (bundle.template, bundle.select_feature, bundle.num_visual_tokens) == (template, "patch", 16)
     assert bundle.image_processor.crop_size == {"height": 32, "width": 32}
+    assert bundle.reference_vocab_size == vocab + pad
     _check_parity(compute_converted_logits(bundle.model, chunks, pixels, bundle.image_token_id, 16), reference,
-                  vocab)
+                  vocab, pad)
 
 
 def test_convert_cls_variant_has_one_visual_token(tmp_path):
@@ -276,3 +288,75 @@ def test_refuses_non_empty_output_and_unknown_template(tiny_original, tmp_path):
     with pytest.raises(ConversionError, match="unknown template 'vicuna'"):
         convert_llava(tiny_original, tmp_path / "out2", template="vicuna")
     assert convert_llava(tiny_original, tmp_path / "empty_ok") == tmp_path / "empty_ok"
+
+
+# -- LLaMA-3 <pad> row (llama3_pad_row, PROTOCOLS §3.2 step 4, §7) -----------------------------------------------
+
+def _independent_t2v(src: Path, caption: str, image: np.ndarray, *, pad_row: bool) -> float:
+    """VQAScore t2v from the ORIGINAL-layout tensors: the reference's tokenisation (double BOS kept), the plain
+    LM + CLIP + projector forward of ``compute_reference_logits``, and a log-softmax over the reference vocabulary:
+    the original rows plus, with ``pad_row``, the <pad> row whose output weights are the mean of the original
+    rows. Its logit <h, mean_v W_v> = mean_v <h, W_v> is appended as the mean of the original logits."""
+    tok = PreTrainedTokenizerFast.from_pretrained(src)
+    before, after = _prompt_chunks(tok, "llama3", caption)
+    assert before[:2] == [tok.bos_token_id] * 2  # the literal <|begin_of_text|> plus the tokenizer's BOS
+    assert tok.convert_ids_to_tokens(after[-2:]) == ["Yes", "<|eot_id|>"]  # the unmasked answer span
+    processor = CLIPImageProcessorPil.from_pretrained(src / "vision_tower")
+    pixels = processor(images=[Image.fromarray(image)], return_tensors="pt")["pixel_values"]  # square: no pad
+    logits = compute_reference_logits(src, [(before, after)], pixels)[0].double()  # (L, vocab)
+    if pad_row:
+        logits = torch.cat([logits, logits.mean(-1, keepdim=True)], dim=-1)
+    logprobs = logits.log_softmax(-1)
+    length = logits.shape[0]  # the answer tokens sit at L-2 and L-1, predicted by rows L-3 and L-2
+    yes, eot = after[-2:]
+    return float(torch.exp((logprobs[length - 3, yes] + logprobs[length - 2, eot]) / 2))
+
+
+def test_llama3_pad_row_is_the_mean_row_and_enters_the_vqascore_softmax(tmp_path):
+    from perceive_ray.scoring.vqascore import VQAScoreScorer
+
+    src = save_tiny_original_llava(tmp_path / "orig", template="llama3", seed=6)
+    assert PreTrainedTokenizerFast.from_pretrained(src).pad_token is None  # as the original LLaMA-3 tokenizer
+    vocab = len(PreTrainedTokenizerFast.from_pretrained(src))
+    dsts = {mode: convert_llava(src, tmp_path / mode, llama3_pad_row=mode) for mode in ("mean", "none")}
+    with pytest.raises(ConversionError, match="llama3_pad_row='zero'"):
+        convert_llava(src, tmp_path / "bad", llama3_pad_row="zero")
+
+    original = _original_weights(src)
+    model = LlavaForConditionalGeneration.from_pretrained(dsts["mean"])
+    converted = {"model.embed_tokens.weight": model.get_input_embeddings().weight.detach(),
+                 "lm_head.weight": model.get_output_embeddings().weight.detach()}
+    for name, new in converted.items():  # input and output rows
+        rows = original[name]
+        assert new.shape == (vocab + 2, rows.shape[1])  # + <pad> + <image>
+        assert torch.equal(new[:vocab], rows)
+        torch.testing.assert_close(new[vocab], rows.mean(dim=0), atol=1e-7, rtol=0)
+        assert torch.equal(new[vocab + 1], torch.zeros_like(new[vocab + 1]))
+        assert not torch.allclose(new[vocab], torch.zeros_like(new[vocab]))
+    tok_mean, tok_none = (AutoTokenizer.from_pretrained(dsts[m]) for m in ("mean", "none"))
+    assert (tok_mean.pad_token, tok_mean.pad_token_id) == ("<pad>", vocab) and tok_none.pad_token is None
+    sidecars = {m: json.loads((d / "perceive_ray.json").read_text()) for m, d in dsts.items()}
+    assert (sidecars["mean"]["reference_vocab_size"], sidecars["mean"]["pad_row_id"]) == (vocab + 1, vocab)
+    assert (sidecars["none"]["reference_vocab_size"], sidecars["none"]["pad_row_id"]) == (vocab, None)
+    assert sidecars["mean"]["image_token_id"] == vocab + 1 and sidecars["none"]["image_token_id"] == vocab
+
+    image = np.random.default_rng(6).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    captions = ["a mug on a table", "a dog to the left of a chair"]
+    batch = {"item_id": ["i"], "image_index": [0], "image": [image], "texts": [captions]}
+    scores = {}
+    for mode, dst in dsts.items():
+        for sharing in ("shared", "none"):
+            scorer = VQAScoreScorer(ModelConfig(family="llava", source=str(dst)),
+                                    ScorerConfig(name="vqascore", options={"sharing": sharing}))
+            record = scorer.describe()
+            width = vocab + (1 if mode == "mean" else 0)
+            assert scorer.vocab_size == record["vocab_size"] == width
+            assert record["llama3_pad_row"] == mode and record["reference_vocab_size"] == width
+            out = scorer(batch)["score_t2v"]
+            for k, caption in enumerate(captions):
+                expected = _independent_t2v(src, caption, image, pad_row=mode == "mean")
+                assert abs(out[k] - expected) < 1e-5 and abs(np.log(out[k]) - np.log(expected)) < 1e-5
+            scores[mode] = out
+    # The <pad> row takes probability mass from every answer token: the two modes really differ.
+    assert all(m < n for m, n in zip(scores["mean"], scores["none"], strict=True))
+    assert min(np.log(n) - np.log(m) for m, n in zip(scores["mean"], scores["none"], strict=True)) > 1e-3

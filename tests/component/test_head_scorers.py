@@ -202,6 +202,84 @@ def test_sparc_sigma_is_stored_and_the_eval_override_changes_scores(model_cfg, m
     assert not np.allclose(default(batch)["score"], compat(batch)["score"])
 
 
+SIGMA_576, SIGMA_625 = 1 / 576, 1 / 625  # the stored training value and the reference's shipped eval (§5.4)
+
+
+def rope_from_spec(x: torch.Tensor) -> torch.Tensor:
+    """PROTOCOLS §5.3 written out: phi = p * 10000^(-2k/d); [x_2k cos - x_2k+1 sin || x_2k sin + x_2k+1 cos]."""
+    n, d = x.shape[-2], x.shape[-1]
+    k = torch.arange(d // 2, dtype=torch.float32)
+    phi = torch.arange(n, dtype=torch.float32)[:, None] * (10000.0 ** (-2.0 * k / d))[None]  # (N, d/2)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.cat([even * phi.cos() - odd * phi.sin(), even * phi.sin() + odd * phi.cos()], dim=-1)
+
+
+def sparc_rope_scores_from_spec(head, patches: torch.Tensor, states: torch.Tensor, sigma: float):
+    """PROTOCOLS §5.4 / §3.5 SPARC eval (``--local``, padding included) for one image (1, N, Dv) and K texts
+    (K, L, Dt); the head's own LN/Linear weights, everything else written out here. Returns (scores (K,),
+    min-max normalised similarities (K, L, N))."""
+    with torch.no_grad():
+        pp = head.visual_projection(rope_from_spec(patches))[0]  # (N, E)
+        tt = head.text_projection(states)  # (K, L, E)
+        sim = torch.einsum("kle,ne->kln", tt, pp)  # unnormalised token-patch similarities
+        low, high = sim.min(-1, keepdim=True).values, sim.max(-1, keepdim=True).values
+        scaled = (sim - low) / (high - low + 1e-8)  # min-max over patches, per text token
+        kept = torch.where(scaled < sigma, torch.zeros_like(scaled), scaled)  # zero entries below sigma
+        weights = kept / (kept.sum(-1, keepdim=True) + 1e-8)  # renormalise to sum 1 over patches
+        grouped = torch.nn.functional.normalize(weights @ pp, dim=-1)  # (K, L, E) language-grouped patches
+        image = torch.nn.functional.normalize(grouped.mean(dim=1), dim=-1)  # mean over all L positions
+        text = torch.nn.functional.normalize(torch.nn.functional.normalize(tt, dim=-1).mean(dim=1), dim=-1)
+        return (image * text).sum(-1), scaled
+
+
+def window_sparc_rope_head(patches: torch.Tensor, seed: int = 6):
+    """A tiny SPARC+RoPE head (stored sigma 1/576) built so that sigma matters: the visual projection is rank one
+    along u (non-linear branch zeroed) with v solved so that the 16 patches' coordinates along u are
+    c = [1, 0, 14 values inside [1/625, 1/576)], and every text token points along +u. Each token's min-max
+    normalised similarities are then c: sigma = 1/576 keeps patch 0 alone, sigma = 1/625 also the other 14."""
+    head = random_head(spec("sparc", rope=True, sigma=SIGMA_576), seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        z = head.visual_projection[0](rope_from_spec(patches))[0].double()  # (N, Dv) LayerNorm outputs
+        target = torch.cat([torch.tensor([1.0, 0.0]), torch.linspace(0.00164, 0.00170, PATCHES - 2)]).double()
+        v = torch.linalg.lstsq(z, target[:, None], driver="gelsd").solution[:, 0]  # z v = c exactly (N < Dv)
+        u = torch.nn.functional.normalize(torch.randn(EMBED, generator=generator), dim=0)
+        projection = head.visual_projection[2]
+        projection.linear_projection[0].weight.copy_(torch.outer(u, v.float()))
+        projection.linear_projection[0].bias.copy_(torch.randn(EMBED, generator=generator))
+        projection.non_linear_projection[2].weight.zero_()
+        projection.non_linear_projection[2].bias.zero_()
+        text_linear = head.text_projection[2]
+        text_linear.weight.mul_(0.1)
+        text_linear.bias.copy_(10.0 * u)  # <T_t, u> ~ 10 > 0 for every token: the patch order is c's
+    return head
+
+
+def test_sparc_rope_at_both_sigmas_equals_the_spec(model_cfg, manifest, tmp_path):
+    """sparc_rope_whatsup.yaml (sigma = 1/576, stored) and sparc_rope_whatsup_sigma625.yaml (sparc_eval_sigma =
+    1/625): both equal a from-spec computation, and the two sigma give different scores."""
+    bundle = load_clip(model_cfg)
+    item = manifest.items[3]
+    image = load_rgb(manifest.root, item.images[0])
+    _, patches, ids, _, states = frozen_features(bundle, image, list(item.texts))
+    assert ids.shape[1] == states.shape[1]  # all L positions (77), padding included
+    head = window_sparc_rope_head(patches)
+    _, scaled = sparc_rope_scores_from_spec(head, patches, states, SIGMA_576)
+    between = (scaled >= SIGMA_625) & (scaled < SIGMA_576)
+    assert int(between.sum()) == (PATCHES - 2) * scaled.shape[0] * scaled.shape[1]  # 14 per token
+    assert min(float((scaled - s).abs().min()) for s in (SIGMA_576, SIGMA_625)) > 1e-5  # no rounding-edge case
+    path = save_head(head, tmp_path / "sparc_rope_sigma.safetensors")
+    batch = {"item_id": [item.item_id], "image_index": [0], "image": [image], "texts": [list(item.texts)]}
+    got = {}
+    for sigma, options in ((SIGMA_576, {}), (SIGMA_625, {"sparc_eval_sigma": 0.0016})):
+        scorer = SparcRopeScorer(model_cfg, scorer_config("sparc_rope", path, **options))
+        assert scorer.sigma == pytest.approx(sigma, rel=1e-12) and scorer.head.sigma == pytest.approx(SIGMA_576)
+        expected, _ = sparc_rope_scores_from_spec(head, patches, states, sigma)
+        got[sigma] = np.asarray(scorer(batch)["score"])
+        np.testing.assert_allclose(got[sigma], expected.double().numpy(), rtol=0, atol=1e-5)
+    assert np.abs(got[SIGMA_576] - got[SIGMA_625]).min() > 1e-3
+
+
 def test_released_pth_without_metadata_takes_sigma_from_options(model_cfg, tmp_path):
     head = random_head(spec("sparc"), 5)
     torch.save({f"module.{k}": v for k, v in head.state_dict().items()}, tmp_path / "sparc_rope.pth")

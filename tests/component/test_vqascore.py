@@ -92,9 +92,12 @@ def score_rows(scorer, rows, batch_size: int) -> dict[str, np.ndarray]:
 
 
 def reference_scores(bundle, template_name: str, image: np.ndarray, text: str,
-                     vocab_limit: int | None = None) -> dict[str, float]:
+                     vocab_limit: int | None = None, double_bos: bool = True) -> dict[str, float]:
     """Independent t2v_metrics-style computation: LLaVA's tokenizer_image_token, label masking, full-logit
-    forward of the model on the naive sequence and CrossEntropy over the unmasked positions."""
+    forward of the model on the naive sequence and CrossEntropy over the unmasked positions.
+
+    ``double_bos=False``: a sequence that starts with two BOS (llama3: the tokenizer's + the template's literal
+    one) keeps only one, in the question-length count as well."""
     tok, img_id, v = bundle.tokenizer, bundle.image_token_id, bundle.num_visual_tokens
 
     def tokenizer_image_token(prompt):
@@ -103,6 +106,8 @@ def reference_scores(bundle, template_name: str, image: np.ndarray, text: str,
         ids = [chunks[0][0]]  # the tiny tokenizers always add BOS
         for x in seps:
             ids.extend(x[1:])
+        if not double_bos and ids[:2] == [tok.bos_token_id] * 2:
+            ids = ids[1:]
         return ids
 
     q = render_question_part(template_name, text)
@@ -209,6 +214,46 @@ def test_scores_equal_independent_teacher_forced_computation(tiny_dirs, name):
     assert np.array_equal(out["score"], out["score_t2v"])
 
 
+@pytest.mark.parametrize("double_bos", [True, False])
+def test_llama3_double_bos_switch(tiny_dirs, double_bos):
+    """llama3_double_bos (PROTOCOLS §3.2 step 3): the reference's two BOS by default, exactly one when False."""
+    scorer = make_scorer(tiny_dirs["llama3"], llama3_double_bos=double_bos)
+    tok = scorer.bundle.tokenizer
+    bos = tok.convert_tokens_to_ids("<|begin_of_text|>")
+    assert tok.bos_token_id == bos
+    text = "A red mug to the left of a plate"
+    seq = scorer.build_candidate(text).yes
+    n_bos = 2 if double_bos else 1
+    assert list(seq.ids[:n_bos]) == [bos] * n_bos and seq.ids[n_bos] != bos and seq.ids.count(bos) == n_bos
+    assert tok.convert_ids_to_tokens(list(seq.answer_ids)) == ["Yes", "<|eot_id|>"]  # the span still holds
+    other = make_scorer(tiny_dirs["llama3"], llama3_double_bos=not double_bos).build_candidate(text).yes
+    assert seq.ids[n_bos:] == other.ids[3 - n_bos:]  # only the extra BOS differs
+    assert seq.answer_start - other.answer_start == (1 if double_bos else -1)
+    assert scorer.describe()["llama3_double_bos"] is double_bos
+    rows = random_rows(17, 2, ks=(2,))
+    rows[0]["texts"] = [text, '"quoted" start']
+    for sharing in ("shared", "none"):
+        out = score_rows(make_scorer(tiny_dirs["llama3"], llama3_double_bos=double_bos, sharing=sharing), rows, 2)
+        i = 0
+        for row in rows:
+            for text_k in row["texts"]:
+                ref = reference_scores(scorer.bundle, "llama3", row["image"], text_k, double_bos=double_bos)
+                other_ref = reference_scores(scorer.bundle, "llama3", row["image"], text_k,
+                                             double_bos=not double_bos)
+                for mode in MODES:
+                    assert abs(np.log(out[f"score_{mode}"][i]) - np.log(ref[mode])) < 1e-5, (mode, text_k)
+                # the switch really changes the score (beyond the tolerance), so the comparison can tell them apart
+                assert abs(np.log(ref["t2v"]) - np.log(other_ref["t2v"])) > 1e-3
+                i += 1
+
+
+def test_llama3_double_bos_leaves_other_templates_alone(tiny_dirs):
+    for name in ("chat", "phi3_instruct"):
+        one, two = (make_scorer(tiny_dirs[name], llama3_double_bos=flag) for flag in (False, True))
+        assert one.build_candidate("a red mug").yes == two.build_candidate("a red mug").yes
+        assert one.describe()["llama3_double_bos"] is None
+
+
 def test_softmax_over_the_reference_vocabulary(tiny_dirs, tmp_path):
     """A sidecar's reference_vocab_size (rows added after the original model) narrows the softmax by default."""
     path = build_tiny_llava_dir(tmp_path / "narrow")
@@ -252,9 +297,8 @@ def test_answer_span_assertion_fires_on_broken_templates(tiny_dirs):
             pytest.fail(why)
     with pytest.raises(AnswerSpanError, match="unmasked answer tokens"):
         build_compat_sequence(tok, chat, "a cat", **{**kwargs, "answer": "Yes please"})
-    scorer = make_scorer(tiny_dirs["chat"], answer="Yes please")
-    with pytest.raises(AnswerSpanError):
-        score_rows(scorer, random_rows(1, 1), 1)
+    with pytest.raises(AnswerSpanError):  # the scorer settles its answer ids at construction
+        make_scorer(tiny_dirs["chat"], answer="Yes please")
 
 
 def test_unclean_negative_answer_only_blanks_yes_no(tiny_dirs):

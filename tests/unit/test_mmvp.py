@@ -392,6 +392,120 @@ def test_mmvp_vlm_hand_grids_add_category_keys():
     assert report.chance["color/pair_acc"] == 0.25 and report.chance["color/individual_acc"] == 0.5
 
 
+# ---------------------------------------------------------------- mmvp_reference: the reference's float32 softmax
+
+
+def near_tie_grids(base: float, relative_gaps=(0.0, 1e-9, 1e-7, 1e-3)) -> dict[str, np.ndarray]:
+    """2x2 grids S[image][text] around ``base``: each text's gold image above, below or equal to the other one by
+    each relative gap, on t0 and t1, with the other text clean or also near a tie."""
+    grids = {}
+    for gap in relative_gaps:
+        for sign in (1.0, -1.0):
+            for other in (0.5, gap):
+                hi, lo = base * (1 + sign * gap), base
+                other_hi, other_lo = base * (1 + other), base
+                grids[str(len(grids) + 1)] = np.array([[hi, other_lo], [lo, other_hi]])  # t0: i0 vs i1
+                grids[str(len(grids) + 1)] = np.array([[other_hi, lo], [other_lo, hi]])  # t1: i1 vs i0
+    return grids
+
+
+def reference_decisions(grid: np.ndarray, logit_scale: float) -> tuple[list[int], list[float]]:
+    """The reference's eval_MMVP written out: logits_per_text = float32(scale * S)^T (text x image), a torch
+    softmax over the images, then predict image 0 iff P(image 0) > 0.5. Returns (predicted image, P) per text."""
+    import torch
+
+    logits_per_text = torch.tensor(np.float32(logit_scale * np.asarray(grid, dtype=np.float64).T))
+    probs = logits_per_text.softmax(dim=-1)  # (text, image), float32 on the CPU
+    assert probs.dtype == torch.float32
+    p0 = [float(probs[t][0]) for t in range(2)]
+    return [0 if p > 0.5 else 1 for p in p0], p0
+
+
+@pytest.mark.parametrize(
+    ("logit_scale", "base"),
+    [(100.0, 0.3), (100.0, 0.2999), (1.0, 1e-4), (1.0, 3e-3), (1.0, 0.25), (1.0, 0.9)],
+)
+def test_mmvp_reference_equals_the_float32_softmax_on_near_ties(logit_scale, base):
+    grids = near_tie_grids(base)
+    items = tuple(Item(k, (f"{k}a.jpg", f"{k}b.jpg"), ("x", "y"), meta={"question_ids": [1, 2]}) for k in grids)
+    manifest = Manifest("mmvp", "/data", items)
+    expected_texts = expected_pairs = expected_ties = 0
+    for item in items:
+        grid = grids[item.item_id]
+        predicted, p0 = reference_decisions(grid, logit_scale)
+        correct = [predicted[t] == t for t in (0, 1)]  # gold: t0 <-> i0, t1 <-> i1
+        exact = [0 if grid[0][t] > grid[1][t] else 1 for t in (0, 1)]  # the float64 comparison
+        ties = sum(predicted[t] != exact[t] or p0[t] == 0.5 for t in (0, 1))
+        # every decision: one item at a time
+        one = compute_mmvp(Manifest("mmvp", "/data", (item,)), grids, tie_policy="mmvp_reference",
+                           logit_scale=logit_scale)
+        assert one.counts["individual_acc/correct"] == sum(correct), (item.item_id, grid.tolist(), p0)
+        assert one.counts["pair_acc/correct"] == int(all(correct)) and one.counts["ties"] == ties
+        expected_texts += sum(correct)
+        expected_pairs += int(all(correct))
+        expected_ties += ties
+    report = compute_mmvp(manifest, grids, tie_policy="mmvp_reference", logit_scale=logit_scale)
+    assert report.counts["individual_acc/correct"] == expected_texts
+    assert report.counts["pair_acc/correct"] == expected_pairs and report.counts["ties"] == expected_ties
+    # The float32 rule is not the exact comparison: at least one near-tie flips, and it is counted as a tie.
+    exact_report = compute_mmvp(manifest, grids, tie_policy="strict")
+    assert report.counts["individual_acc/correct"] != exact_report.counts["individual_acc/correct"]
+    assert report.counts["ties"] > exact_report.counts["ties"]
+
+
+def test_mmvp_reference_float32_decision_differs_from_the_exact_comparison():
+    """Hand-checked cases: gaps below float32 resolution of scale * score become ties that go to image 1."""
+    grids = {  # t0 is decided between S[0][0] and S[1][0]; t1 is clean
+        "1": np.array([[0.3 * (1 + 1e-9), 0.1], [0.3, 0.9]]),  # 30 +- 3e-8 < one float32 ulp (1.9e-6): tie
+        "2": np.array([[0.3 * (1 + 1e-3), 0.1], [0.3, 0.9]]),  # resolved
+        # scale 1: distinct float32 scores 1e-9 apart, but exp(-1e-9) rounds to 1 in float32, so P = 0.5 exactly
+        "3": np.array([[1e-4 * (1 + 1e-5), 0.1], [1e-4, 0.9]]),
+    }
+    manifest = Manifest("mmvp", "/d", tuple(Item(k, ("a", "b"), ("x", "y")) for k in grids))
+    cosine = compute_mmvp(Manifest("mmvp", "/d", manifest.items[:2]), grids, tie_policy="mmvp_reference",
+                          logit_scale=100.0)
+    assert cosine.counts["individual_acc/correct"] == 3 and cosine.counts["ties"] == 1  # item 1's t0 is lost
+    probability = compute_mmvp(Manifest("mmvp", "/d", manifest.items[2:]), grids, tie_policy="mmvp_reference")
+    assert reference_decisions(grids["3"], 1.0)[1][0] == 0.5
+    assert probability.counts["individual_acc/correct"] == 1 and probability.counts["ties"] == 1
+    # The same scores with the cosine factor are resolved (100 x 1e-9 = 1e-7: exp(-1e-7) < 1 in float32).
+    scaled = compute_mmvp(Manifest("mmvp", "/d", manifest.items[2:]), grids, tie_policy="mmvp_reference",
+                          logit_scale=100.0)
+    assert scaled.counts["individual_acc/correct"] == 2 and scaled.counts["ties"] == 0
+    assert compute_mmvp(manifest, grids).counts["individual_acc/correct"] == 6  # strict: the exact comparison
+    with pytest.raises(MetricError, match="logit_scale"):
+        compute_mmvp(manifest, grids, tie_policy="mmvp_reference", logit_scale=0.0)
+
+
+def test_compute_metrics_passes_the_logit_scale_only_to_mmvp_reference():
+    from perceive_ray.metrics.compute import compute_metrics
+
+    manifest = Manifest("mmvp", "/d", (Item("1", ("a", "b"), ("x", "y")), Item("2", ("c", "d"), ("z", "w"))))
+    grids = {"1": [[1e-4 * (1 + 1e-5), 0.1], [1e-4, 0.9]], "2": [[0.9, 0.1], [0.2, 0.8]]}
+    ids, images, texts, scores = [], [], [], []
+    for iid, grid in grids.items():
+        for i in range(2):
+            for t in range(2):
+                ids.append(iid), images.append(i), texts.append(t), scores.append(grid[i][t])
+    table = scores_table(ids, images, texts, scores)
+    by_scale = {scale: compute_metrics(manifest, table, tie_policy="mmvp_reference", mmvp_logit_scale=scale)
+                for scale in (1.0, 100.0)}
+    assert by_scale[1.0].counts["individual_acc/correct"] == 3 and by_scale[1.0].counts["ties"] == 1
+    assert by_scale[100.0].counts["individual_acc/correct"] == 4 and by_scale[100.0].counts["ties"] == 0
+    strict = compute_metrics(manifest, table, mmvp_logit_scale=100.0)  # ignored by the other policies
+    assert strict.counts["individual_acc/correct"] == 4
+
+
+def test_registry_mmvp_logit_scales_follow_the_reference_scripts():
+    from perceive_ray import registry
+
+    # eval_clip / eval_pacl / eval_llm2pacl multiply by 100; eval_vqa_score, eval_sparc and VLM2Vec/eval_llava15
+    # softmax the raw scores; LLM2CLIP has no MMVP path in the reference ([U]: 100 like its other scripts).
+    expected = {"clip_cosine": 100.0, "vqascore": 1.0, "vlm2vec": 1.0, "llm2clip": 100.0, "pacl": 100.0,
+                "pacl_rope": 100.0, "sparc": 1.0, "sparc_rope": 1.0, "pacl_llm_text": 100.0}
+    assert {name: registry.scorer(name).mmvp_logit_scale for name in expected} == expected
+
+
 def test_errata_switch_on_full_size_mmvp(tmp_path):
     manifest = load_mmvp(write_mmvp(tmp_path / "mmvp"))
     # Planted: every pair right under the original labels except 50 and 140, which are right only if swapped.
