@@ -146,7 +146,8 @@ def cmd_convert_llava(args: argparse.Namespace) -> int:
     from perceive_ray.models.convert import convert_llava
 
     path = convert_llava(Path(args.src), Path(args.dst), template=args.template,
-                         vision_tower_dir=Path(args.vision_tower) if args.vision_tower else None, dtype=args.dtype)
+                         vision_tower_dir=Path(args.vision_tower) if args.vision_tower else None, dtype=args.dtype,
+                         llama3_pad_row=args.llama3_pad_row)
     print(f"converted {args.src} -> {path}; load it with model.family=llava model.source={path}")
     return 0
 
@@ -184,6 +185,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         label_errata=args.errata,
         max_nan_fraction=args.max_nan_fraction,
         source=str(args.scores),
+        mmvp_logit_scale=_mmvp_scale(args),
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -194,6 +196,12 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     for note in report.notes:
         print(f"warning: {note}", file=sys.stderr)
     return 0
+
+
+def _mmvp_scale(args: argparse.Namespace) -> float:
+    if args.mmvp_logit_scale is not None:
+        return args.mmvp_logit_scale
+    return registry.scorer(args.scorer).mmvp_logit_scale if args.scorer else 1.0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -286,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conversation template (default: inferred from the language model)")
     p.add_argument("--vision-tower", help="local folder of the CLIP vision tower (default: mm_vision_tower)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="output dtype (default: as stored)")
+    p.add_argument("--llama3-pad-row", choices=("mean", "none"), default="mean",
+                   help="LLaMA-3 tokenizer without a pad token: add <pad> with input/output rows set to the mean of "
+                   "the existing rows, which enters the VQAScore softmax as in the reference (mean, default), or "
+                   "add nothing (none)")
     p.set_defaults(func=cmd_convert_llava)
 
     p = sub.add_parser(
@@ -354,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-sizes", action="store_true", help="make a size that differs from the published one an error")
     p.add_argument("--max-nan-fraction", type=float, default=0.0,
                    help="SeeTRUE only: largest fraction of NaN-scored items to exclude before failing (default 0)")
+    p.add_argument("--scorer", choices=registry.names("scorers"), metavar="NAME",
+                   help="the scorer that made the scores (sets the mmvp_reference softmax factor)")
+    p.add_argument("--mmvp-logit-scale", type=float,
+                   help="mmvp_reference only: factor before the reference's float32 softmax over the two images "
+                   "(default: the --scorer's registry value, else 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_metrics)
     return parser

@@ -273,21 +273,15 @@ def finish_benchmark(plan: EvaluationPlan, bench: BenchmarkPlan, describe: Mappi
     report = compute_metrics(whole, scores, tie_policy=config.metrics.tie_policy,
                              label_errata=config.metrics.label_errata,
                              max_nan_fraction=config.metrics.max_nan_fraction, source=str(scores_path),
-                             **_metric_options(config))
+                             mmvp_logit_scale=registry.scorer(config.scorer.name).mmvp_logit_scale)
     payload = report.to_dict() | {"items_scored": len(whole), "items_requested": len(bench.target),
                                   "items_in_benchmark": len(bench.manifest), "image_errors": errors.num_rows}
+    if describe and describe.get("score_columns") and len(report.score_columns) > 1:
+        payload["score_column_prompts"] = describe["score_columns"]  # which prompt produced which column
     (bench.directory / "metrics.json").write_text(json.dumps(payload, indent=2))
     print(format_report(report.to_dict()))
     print(f"scores: {scores_path}  ({len(whole)}/{len(bench.target)} items; {errors.num_rows} unreadable image(s))")
     return BenchmarkResult(bench.name, report, scores_path, errors.num_rows, rows_now)
-
-
-def _metric_options(config: ExperimentConfig) -> dict[str, Any]:
-    import inspect
-
-    if "mmvp_logit_scale" in inspect.signature(compute_metrics).parameters:
-        return {"mmvp_logit_scale": registry.scorer(config.scorer.name).mmvp_logit_scale}
-    return {}
 
 
 def log_benchmark(tracker: Tracker, benchmark: str, result: BenchmarkResult) -> None:

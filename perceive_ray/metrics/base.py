@@ -90,6 +90,8 @@ class MetricReport:
     tie_policy: str
     label_errata: str
     notes: list[str] = field(default_factory=list)
+    # Which scores-table column produced which metric keys ({"*": "score"} unless a score view was used).
+    score_columns: dict[str, str] = field(default_factory=lambda: {"*": "score"})
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -100,4 +102,5 @@ class MetricReport:
             "tie_policy": self.tie_policy,
             "label_errata": self.label_errata,
             "notes": list(self.notes),
+            "score_columns": dict(self.score_columns),
         }

@@ -27,9 +27,13 @@ def _correct_index(item: Item, label_errata: str) -> int:
 
 
 def compute_whatsup_controlled(
-    manifest: Manifest, grids: ScoreGrids, *, tie_policy: str = "strict", label_errata: str = "original"
+    manifest: Manifest, grids: ScoreGrids, *, tie_policy: str = "strict", label_errata: str = "original",
+    two_way_grids: ScoreGrids | None = None,
 ) -> MetricReport:
-    """2-way and 4-way accuracy: individual, per relation group, per group pair, pooled pair, set."""
+    """2-way and 4-way accuracy: individual, per relation group, per group pair, pooled pair, set.
+
+    ``two_way_grids``: scores of the 2-way protocol when a scorer asks a different question per protocol (VLM2Vec);
+    by default both protocols read the same 1x4 row."""
     check_policy(tie_policy, label_errata, benchmark=manifest.benchmark)
     tally = Tally()
     ties = {"2way": 0, "4way": 0}
@@ -40,10 +44,11 @@ def compute_whatsup_controlled(
     }
     for item in manifest.items:
         scores = [float(s) for s in grids[item.item_id][0]]
+        two_way_scores = scores if two_way_grids is None else [float(s) for s in two_way_grids[item.item_id][0]]
         correct = _correct_index(item, label_errata)
         errata_items += correct != 0
         true_idx, opp_idx = item.two_way
-        options = [scores[true_idx], scores[opp_idx]]
+        options = [two_way_scores[true_idx], two_way_scores[opp_idx]]
         results = {
             "2way": wins(options, 0 if correct == true_idx else 1, tie_policy),
             "4way": wins(scores, correct, tie_policy),

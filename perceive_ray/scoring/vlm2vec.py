@@ -8,10 +8,11 @@ states (bf16 on a bf16 model) are upcast first, as §0 asks for fp32 comparisons
 
 Prompts per image, by benchmark (the rendered prompt is stored in the ``query_prompt`` column):
 
-- What'sUp Controlled, ``whatsup_prompt=two_way`` (default [U]: the paper's main setting; the reference has both
-  scripts): the 2-way question of the image's relation group (left/right, on/under, front/behind), even though all
-  4 captions are scored (the metric picks the 2-way pair; scores of one text do not depend on the others).
-  ``four_way``: the subset's 4-way question (A: on/under, B: in front of/behind).
+- What'sUp Controlled, ``whatsup_prompt=per_view`` (default, as the reference: its ``eval`` asks the 2-way question,
+  its ``eval_4`` the 4-way one): each image is queried twice. ``score`` holds the 4-way-question scores (the
+  4way/* metrics), ``score_two_way`` the scores under the 2-way question of the image's relation group (left/right,
+  on/under, front/behind; the 2way/* metrics); ``query_prompt`` / ``query_prompt_two_way`` store both questions.
+  ``two_way`` / ``four_way`` ask one question for both views (``score`` only).
 - COCO-QA / VG-QA: ``Is the {part1} or {part2}?`` built from the true caption (text 0); the gold word is replaced by
   its opposite in part2 or part1 by a coin keyed by (seed, benchmark, item index): ``keyed_rng`` replaces the
   reference's unseeded ``random.random() < 0.5`` (True = part2, as ``p < 0.5`` there).
@@ -143,14 +144,17 @@ def build_coco_vg_prompt(caption: str, *, benchmark: str, flip_part2: bool, gold
     return f"Is the {part1} or {part2}?"
 
 
-def build_query_prompt(row: Mapping[str, Any], options: Vlm2VecOptions) -> str:
-    """The §3.4 prompt for one scoring row (an ``iter_rows`` dict: benchmark, item_id, texts, meta JSON, ...)."""
+def build_query_prompt(row: Mapping[str, Any], options: Vlm2VecOptions, *, view: str = "four_way") -> str:
+    """The §3.4 prompt for one scoring row (an ``iter_rows`` dict: benchmark, item_id, texts, meta JSON, ...).
+
+    ``view`` matters only for What'sUp Controlled under ``whatsup_prompt=per_view``: which question to ask."""
     benchmark = str(row["benchmark"])
     meta = row["meta"] if isinstance(row["meta"], Mapping) else json.loads(row["meta"] or "{}")
     if benchmark in CONTROLLED:
         gold = meta.get("gold_word") or meta["relation"]
+        question = view if options.whatsup_prompt == "per_view" else options.whatsup_prompt
         return build_controlled_prompt(meta["obj1"], meta["obj2"], gold_word=gold, benchmark=benchmark,
-                                       whatsup_prompt=options.whatsup_prompt)
+                                       whatsup_prompt=question)
     if benchmark in COCO_VG:
         index = int(row["item_id"])  # QA item ids are the 0-based file row
         flip = draw_coco_vg_coin(options.seed, benchmark, index)
@@ -191,10 +195,19 @@ class Vlm2VecScorer:
         return {"scorer": "vlm2vec", "prompts_version": PROMPTS_VERSION, "query_template": opts.query_template,
                 "two_way_prompts": dict(TWO_WAY_PROMPTS), "four_way_prompts": dict(FOUR_WAY_PROMPTS),
                 "device": device_name(self.device),
-                "whatsup_prompt": opts.whatsup_prompt, "generic_prompt": opts.generic_prompt, "seed": opts.seed,
+                "whatsup_prompt": opts.whatsup_prompt, "score_columns": self.score_columns(),
+                "generic_prompt": opts.generic_prompt, "seed": opts.seed,
                 "image_preprocess": opts.image_preprocess, "merged": bundle.merged, "base": bundle.base_source,
                 "adapter": bundle.adapter_source, "dtype": str(bundle.model.dtype).removeprefix("torch."),
                 "num_visual_tokens": bundle.num_visual_tokens, "pooling": "last_non_pad", "score": "dot_fp32"}
+
+    def score_columns(self) -> dict[str, str]:
+        """Which query prompt produced which score column on What'sUp Controlled (metrics.json repeats this)."""
+        mode = self.options.whatsup_prompt
+        if mode == "per_view":
+            return {"score": "4-way question (reference eval_4): 4way/* keys",
+                    "score_two_way": "2-way question of the image's relation group (reference eval): 2way/* keys"}
+        return {"score": f"{mode.replace('_', '-')} question for 2way/* and 4way/* keys"}
 
     # -- inputs -----------------------------------------------------------------------------------------------
     def prepare_image(self, image: Any) -> Image.Image:
@@ -247,25 +260,37 @@ class Vlm2VecScorer:
         out = ScoreRows()
         if not rows:
             return out.to_batch()
-        prompts = [build_query_prompt(row, self.options) for row in rows]
+        per_view = self.options.whatsup_prompt == "per_view"
+        # ``score`` comes from each row's own prompt (What'sUp Controlled per_view: the 4-way question); Controlled
+        # rows under per_view are scored a second time with the 2-way question into ``score_two_way``.
+        prompts = [build_query_prompt(row, self.options, view="four_way") for row in rows]
+        two_way = [build_query_prompt(row, self.options, view="two_way")
+                   if per_view and row["benchmark"] in CONTROLLED else None for row in rows]
+        wanted = [(row["image"], prompt) for row, prompt in zip(rows, prompts, strict=True)]
+        wanted += [(row["image"], prompt) for row, prompt in zip(rows, two_way, strict=True) if prompt is not None]
         # One query per distinct (image content, prompt); one target per distinct text.
-        query_keys = [(_image_key(row["image"]), prompt) for row, prompt in zip(rows, prompts, strict=True)]
         query_index: dict[tuple[str, str], int] = {}
-        first_row: list[int] = []
-        for i, key in enumerate(query_keys):
+        first: list[tuple[Any, str]] = []
+        for image, prompt in wanted:
+            key = (_image_key(image), prompt)
             if key not in query_index:
                 query_index[key] = len(query_index)
-                first_row.append(i)
+                first.append((image, prompt))
         texts = list(dict.fromkeys(text for row in rows for text in row["texts"]))
         text_index = {text: k for k, text in enumerate(texts)}
         with torch.inference_mode():
-            queries = self.encode_queries([rows[i]["image"] for i in first_row], [prompts[i] for i in first_row])
+            queries = self.encode_queries([image for image, _ in first], [prompt for _, prompt in first])
             targets = self.encode_targets(texts) if texts else queries.new_zeros((0, queries.shape[1]))
             scores = (queries @ targets.T).cpu().numpy()  # (Q, K) fp32
-        for row, prompt, key in zip(rows, prompts, query_keys, strict=True):
-            q = query_index[key]
+        for row, prompt, prompt_2 in zip(rows, prompts, two_way, strict=True):
+            image_key = _image_key(row["image"])
+            q = query_index[(image_key, prompt)]
+            q2 = query_index[(image_key, prompt_2)] if prompt_2 is not None else None
             for k, text in enumerate(row["texts"]):
-                out.add(row["item_id"], row["image_index"], k, float(scores[q, text_index[text]]), query_prompt=prompt)
+                extra = {"query_prompt": prompt}
+                if q2 is not None:
+                    extra |= {"score_two_way": float(scores[q2, text_index[text]]), "query_prompt_two_way": prompt_2}
+                out.add(row["item_id"], row["image_index"], k, float(scores[q, text_index[text]]), **extra)
         return out.to_batch()
 
 

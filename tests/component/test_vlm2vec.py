@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from perceive_ray.config import ConfigError, ModelConfig, ScorerConfig
 from perceive_ray.data.catalog import load_benchmark
+from perceive_ray.data.images import load_rgb
 from perceive_ray.data.synthetic import generate
 from perceive_ray.metrics.compute import compute_metrics
 from perceive_ray.models.vlm2vec import (
@@ -202,10 +203,43 @@ def test_batch_invariance_and_dedup(dirs):
     before = scorer.queries_encoded, scorer.targets_encoded
     eight = score_rows(scorer, rows, batch_size=8)
     encoded = scorer.queries_encoded - before[0], scorer.targets_encoded - before[1]
-    assert encoded == (7, len({t for r in rows for t in r["texts"]}))
+    # 7 distinct (image, prompt) pairs, each asked the 4-way and the 2-way question (per_view, Controlled rows).
+    assert encoded == (2 * 7, len({t for r in rows for t in r["texts"]}))
     one = score_rows(scorer, rows, batch_size=1)
     assert eight["item_id"] == one["item_id"] and eight["text_index"] == one["text_index"]
     np.testing.assert_allclose(eight["score"], one["score"], atol=1e-5, rtol=0)
+
+
+def test_per_view_prompts_decide_their_own_metric_keys(dirs, tmp_path):
+    """What'sUp Controlled under per_view: 4way/* from the 4-way question, 2way/* from the 2-way question (the
+    reference's eval_4 and eval), each checked against batch-1 forwards of the full model."""
+    generate(tmp_path / "synth", seed=3, pairs=2)
+    manifest = load_benchmark("whatsup_controlled_a", tmp_path / "synth" / "whatsup")
+    scorer = make_scorer(dirs["adapter"])
+    scores = run_local(manifest, scorer, batch_size=3).scores
+    report = compute_metrics(manifest, scores)
+    assert report.score_columns == {"*": "score", "2way/*": "score_two_way"}
+    correct = {"2way": 0, "4way": 0}
+    differ = 0
+    for item in manifest.items:
+        image = load_rgb(manifest.root, item.images[0])
+        names = {"obj1": item.meta["obj1"], "obj2": item.meta["obj2"], "gold_word": item.meta["gold_word"],
+                 "benchmark": "whatsup_controlled_a"}
+        four = independent_scores(scorer.bundle, image, build_controlled_prompt(**names, whatsup_prompt="four_way"),
+                                  list(item.texts))
+        two = independent_scores(scorer.bundle, image, build_controlled_prompt(**names, whatsup_prompt="two_way"),
+                                 [item.texts[i] for i in item.two_way])
+        correct["4way"] += all(four[0] > four[j] for j in range(1, 4))
+        correct["2way"] += two[0] > two[1]
+        differ += not np.allclose(two, four[list(item.two_way)], atol=1e-4)
+    assert report.counts["4way/individual_acc/correct"] == correct["4way"]
+    assert report.counts["2way/individual_acc/correct"] == correct["2way"]
+    assert differ > 0  # the two questions really give different scores
+    # One question for both views (two_way): both keys read `score`, and they come from the 2-way question.
+    single = make_scorer(dirs["adapter"], whatsup_prompt="two_way")
+    one = run_local(manifest, single, batch_size=3).scores
+    assert "score_two_way" not in one.column_names
+    assert compute_metrics(manifest, one).counts["2way/individual_acc/correct"] == correct["2way"]
 
 
 # -- prompts --------------------------------------------------------------------------------------------------
@@ -268,8 +302,15 @@ def test_prompt_snapshots_mmvp_and_generic():
     controlled = {"benchmark": "whatsup_controlled_b", "item_id": "mug_in-front_of_plate", "texts": ["x"],
                   "meta": json.dumps({"obj1": "mug", "obj2": "red-plate", "relation": "in-front",
                                       "gold_word": "front"})}
-    assert build_query_prompt(controlled, OPTS) == (
+    assert build_query_prompt(controlled, OPTS, view="two_way") == (
         "Is the mug in the back of the red plate or in the front of the red plate?")
+    assert build_query_prompt(controlled, OPTS) == build_query_prompt(controlled, OPTS, view="four_way") == (
+        "Is the mug to the left of, to the right of, in front of, or behind the red plate?")
+    # One question for both views when asked for: the view no longer matters.
+    for mode in ("two_way", "four_way"):
+        options = Vlm2VecOptions(whatsup_prompt=mode)
+        assert build_query_prompt(controlled, options, view="two_way") == \
+            build_query_prompt(controlled, options, view="four_way")
 
 
 def test_exactly_one_image_token(dirs):
@@ -324,9 +365,13 @@ def test_run_local_whatsup_and_mmvp_vlm_pass_metrics(dirs, tmp_path):
     item = manifest.items[0]
     prompts = dict(zip(scores.column("item_id").to_pylist(), scores.column("query_prompt").to_pylist(),
                        strict=True))
-    expected = build_controlled_prompt(item.meta["obj1"], item.meta["obj2"], gold_word=item.meta["gold_word"],
-                                       benchmark="whatsup_controlled_a")
-    assert prompts[item.item_id] == expected
+    prompts_2 = dict(zip(scores.column("item_id").to_pylist(), scores.column("query_prompt_two_way").to_pylist(),
+                         strict=True))
+    names = {"obj1": item.meta["obj1"], "obj2": item.meta["obj2"], "gold_word": item.meta["gold_word"],
+             "benchmark": "whatsup_controlled_a"}
+    # per_view (the default): the 4-way question for `score`, the 2-way question for `score_two_way`.
+    assert prompts[item.item_id] == build_controlled_prompt(**names, whatsup_prompt="four_way")
+    assert prompts_2[item.item_id] == build_controlled_prompt(**names, whatsup_prompt="two_way")
 
     root = tmp_path / "synth" / "MMVP_VLM"
     with open(root / "Questions.csv", newline="", encoding="utf-8") as f:
