@@ -180,7 +180,9 @@ def format_report(report: Mapping[str, Any]) -> str:
     counts = report["counts"]
     for key, value in report["metrics"].items():
         n = f"{counts.get(key + '/correct', '')}/{counts.get(key + '/total', '')}"
-        lines.append(f"{key:<40} {100 * value:>7.2f}% {100 * report['chance'][key]:>7.2f}% {n:>12}")
+        excluded = counts.get(key + "/excluded")
+        note = f"  ({excluded} incomplete group(s) excluded)" if excluded else ""
+        lines.append(f"{key:<40} {100 * value:>7.2f}% {100 * report['chance'][key]:>7.2f}% {n:>12}{note}")
     lines.append(f"exact ties: {counts.get('ties', 0)}")
     return "\n".join(lines)
 
@@ -275,6 +277,7 @@ def finish_benchmark(plan: EvaluationPlan, bench: BenchmarkPlan, describe: Mappi
                              max_nan_fraction=config.metrics.max_nan_fraction, source=str(scores_path),
                              mmvp_logit_scale=registry.scorer(config.scorer.name).mmvp_logit_scale)
     payload = report.to_dict() | {"items_scored": len(whole), "items_requested": len(bench.target),
+                                  "items_excluded": len(bench.target) - len(whole),
                                   "items_in_benchmark": len(bench.manifest), "image_errors": errors.num_rows}
     if describe and describe.get("score_columns") and len(report.score_columns) > 1:
         payload["score_column_prompts"] = describe["score_columns"]  # which prompt produced which column

@@ -50,6 +50,7 @@ class Tally:
     correct: dict[str, int] = field(default_factory=dict)
     total: dict[str, int] = field(default_factory=dict)
     chance: dict[str, float] = field(default_factory=dict)
+    excluded: dict[str, int] = field(default_factory=dict)  # incomplete groups left out of a grouped metric
     ties: int = 0
 
     def declare(self, key: str, chance: float) -> None:
@@ -62,6 +63,12 @@ class Tally:
             self.declare(key, chance)
         self.correct[key] += int(bool(ok)) * weight
         self.total[key] += weight
+
+    def exclude(self, key: str, chance: float, n: int = 1) -> None:
+        """Leave ``n`` incomplete groups out of ``key`` (neither numerator nor denominator), and count them."""
+        if key not in self.chance:
+            self.declare(key, chance)
+        self.excluded[key] = self.excluded.get(key, 0) + n
 
     def add_fraction(self, key: str, numerator: int, denominator: int, chance: float) -> None:
         if key not in self.chance:
@@ -76,6 +83,8 @@ class Tally:
         for key in self.total:
             counts[f"{key}/correct"] = self.correct[key]
             counts[f"{key}/total"] = self.total[key]
+            if self.excluded.get(key):
+                counts[f"{key}/excluded"] = self.excluded[key]
         counts["ties"] = self.ties
         counts.update(extra_counts)
         return MetricReport(benchmark, metrics, chance, counts, tie_policy, label_errata)

@@ -15,6 +15,10 @@ from perceive_ray.metrics.scores import ScoreGrids
 # Controlled A images whose relation labels appear swapped (whatsup_vlms issue #4); `corrected` swaps them.
 CONTROLLED_ERRATA = {"controlled_a": frozenset({"pillow_left_of_chair", "pillow_right_of_chair"})}
 
+# The relation groups of one object pair's set (2 images each): Controlled A = left/right + on/under, B = left/right +
+# front/behind (PROTOCOLS §1.1).
+SET_GROUPS = {"controlled_a": ("lr", "ou"), "controlled_b": ("fb", "lr")}
+
 # Chance levels for uniformly random, tie-free scores (PROTOCOLS §2.6): (individual, pair, set) per protocol.
 CHANCE = {"2way": (0.5, 0.25, 0.0625), "4way": (0.25, 0.0625, 0.25**4)}
 
@@ -63,16 +67,26 @@ def compute_whatsup_controlled(
             any_tie |= tied
         tally.ties += any_tie
 
+    # Grouped metrics count complete groups only: a pair needs both images of its relation group, a set all four
+    # images of its object pair. A group with a missing image (unreadable, or cut by a limit) is left out of the
+    # numerator AND the denominator, and counted as excluded.
+    groups = SET_GROUPS.get(manifest.items[0].subset, ()) if manifest.items else ()
     for protocol, by_key in outcome.items():
         _, pair_chance, set_chance = CHANCE[protocol]
         for by_group in by_key.values():
-            all_ok = True
-            for group, oks in sorted(by_group.items()):
-                both = len(oks) == 2 and all(oks)
-                tally.add(f"{protocol}/{group}/pair_acc", both, pair_chance)
-                tally.add(f"{protocol}/pair_acc", both, pair_chance)
-                all_ok &= all(oks)
-            tally.add(f"{protocol}/set_acc", all_ok, set_chance)
+            complete_set = sorted(by_group) == sorted(groups) and all(len(oks) == 2 for oks in by_group.values())
+            for group in sorted(set(by_group) | set(groups)):
+                oks = by_group.get(group, [])
+                if len(oks) == 2:
+                    tally.add(f"{protocol}/{group}/pair_acc", all(oks), pair_chance)
+                    tally.add(f"{protocol}/pair_acc", all(oks), pair_chance)
+                else:
+                    tally.exclude(f"{protocol}/{group}/pair_acc", pair_chance)
+                    tally.exclude(f"{protocol}/pair_acc", pair_chance)
+            if complete_set:
+                tally.add(f"{protocol}/set_acc", all(all(oks) for oks in by_group.values()), set_chance)
+            else:
+                tally.exclude(f"{protocol}/set_acc", set_chance)
     return tally.report(
         manifest.benchmark, tie_policy, label_errata,
         items=len(manifest.items), errata_items=errata_items, **{f"{p}/ties": n for p, n in ties.items()},

@@ -300,3 +300,28 @@ def test_scores_must_cover_every_item(tmp_path):
         compute_metrics(manifest, nan)
     extra = pa.concat_tables([table, scores_table(["other"], [0], [0], [1.0])])
     assert compute_metrics(manifest, extra).counts["extra_score_rows"] == 1
+
+
+@pytest.mark.parametrize("subset, group", [("a", "ou"), ("b", "fb")])
+def test_grouped_metrics_count_complete_groups_only(tmp_path, subset, group):
+    """A perfect scorer with one image missing (unreadable, so its item is not complete): 31/31 individual, the
+    incomplete pair and set are left out of numerator and denominator and counted as excluded, never as wrong
+    (pairs) or right (sets)."""
+    root = write_controlled(tmp_path, subset, numbered_pairs(8))
+    load = whatsup.load_controlled_a if subset == "a" else whatsup.load_controlled_b
+    manifest = load(root)
+    missing = "obj0_left_of_thing0"
+    complete = manifest.restrict(item.item_id for item in manifest.items if item.item_id != missing)
+    report = compute_metrics(complete, table_from(complete, true_wins))
+    c, m = report.counts, report.metrics
+    for protocol in ("2way", "4way"):
+        assert (c[f"{protocol}/individual_acc/correct"], c[f"{protocol}/individual_acc/total"]) == (31, 31)
+        assert (c[f"{protocol}/lr/pair_acc/correct"], c[f"{protocol}/lr/pair_acc/total"]) == (7, 7)
+        assert c[f"{protocol}/lr/pair_acc/excluded"] == 1
+        assert (c[f"{protocol}/{group}/pair_acc/correct"], c[f"{protocol}/{group}/pair_acc/total"]) == (8, 8)
+        assert f"{protocol}/{group}/pair_acc/excluded" not in c
+        assert (c[f"{protocol}/pair_acc/correct"], c[f"{protocol}/pair_acc/total"]) == (15, 15)
+        assert c[f"{protocol}/pair_acc/excluded"] == 1
+        assert (c[f"{protocol}/set_acc/correct"], c[f"{protocol}/set_acc/total"]) == (7, 7)
+        assert c[f"{protocol}/set_acc/excluded"] == 1
+        assert m[f"{protocol}/pair_acc"] == m[f"{protocol}/set_acc"] == 1.0
