@@ -159,12 +159,13 @@ def test_every_caption_set_satisfies_the_two_way_rule(out, kind):
 
 
 def test_images_decode(out):
-    paths = [p for p in out.rglob("*") if p.suffix in (".jpg", ".jpeg")]
+    paths = [p for p in out.rglob("*") if p.suffix in (".jpg", ".jpeg", ".png")]
     summary = json.loads((out / "SYNTH.json").read_text())
     assert len(paths) == summary["counts"]["images"]
     for path in paths:
         with Image.open(path) as image:
-            assert image.format == "JPEG" and image.mode == "RGB" and image.size == (sc.CANVAS, sc.CANVAS)
+            assert image.format == ("PNG" if path.suffix == ".png" else "JPEG"), path
+            assert image.mode == "RGB" and image.size == (sc.CANVAS, sc.CANVAS)
             assert "exif" not in image.info
             image.load()
 

@@ -21,6 +21,7 @@ from perceive_ray.data.synthetic.scenes import (
     SceneObject,
     VlmSpec,
 )
+from perceive_ray.data.synthetic.scenes_extra import SoloScene
 
 JPEG_QUALITY = 92
 WALL_A, TABLE_A = (236, 232, 222), (196, 170, 135)  # subset A: wall above the table top, table below it
@@ -35,6 +36,13 @@ def encode_jpeg(image: Image.Image) -> bytes:
     """Baseline JPEG with fixed quality and no EXIF/ICC/comment, so equal pixels give equal bytes."""
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False)
+    return buffer.getvalue()
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """Lossless PNG with fixed compression and no text/time chunks (the formats whose real images are PNG)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG", optimize=False, compress_level=6)
     return buffer.getvalue()
 
 
@@ -134,6 +142,24 @@ def render_scene(scene: Scene) -> Image.Image:
     for obj in sorted(scene.objects, key=lambda o: o.z):
         _draw_object(draw, scene.kind, obj)
     return image
+
+
+def render_solo(scene: SoloScene) -> Image.Image:
+    """One flat object on a plain wall (What'sUp one-object QA); no table, so only its quadrant says where it is."""
+    image = Image.new("RGB", (scene.size, scene.size), WALL_A)
+    draw_flat(ImageDraw.Draw(image), scene.obj.shape, scene.obj.box, COLOURS[scene.obj.colour])
+    return image
+
+
+def render_spec(spec: Scene | SoloScene | VlmSpec) -> Image.Image:
+    """Any image spec of the generator: a two-object scene, a one-object scene or an MMVP-VLM style motif."""
+    if isinstance(spec, Scene):
+        return render_scene(spec)
+    if isinstance(spec, SoloScene):
+        return render_solo(spec)
+    if isinstance(spec, VlmSpec):
+        return render_vlm(spec)
+    raise TypeError(f"no renderer for {type(spec).__name__}")
 
 
 @lru_cache(maxsize=4)

@@ -62,10 +62,11 @@ OPPOSITE = {
 
 GROUND_A = 68  # px: y of the table top in subset A; resting objects have y1 == GROUND_A
 HORIZON_B = 30  # px: y of the floor's far edge in subset B
-BASE_B = {"far": 60, "mid": 68, "near": 76}  # px: y1 of an object standing at each depth
+BASE_B = {"far": 62, "mid": 68, "near": 76}  # px: y1 of an object standing at each depth
 SCALE_B = {"far": 0.7, "mid": 0.85, "near": 1.0}  # perspective: apparent size relative to the near size
 # px: full (near) object sizes. In B the smallest near object (18) still exceeds the largest far one
-# (0.7 * 24 -> 17) and its top (76 - 18 = 58) lies above the far base (60), so it always overlaps the far one.
+# (0.7 * 24 -> 17) and its top (76 - 18 = 58) lies 4 px above the far base (62), so it always overlaps the far
+# one in height; ``build_scene`` sets the horizontal overlap.
 SIDE_RANGE = {"A": (16, 24), "B": (18, 24)}
 DEPTH_MIN_GAP = 4  # px: bases closer than this count as the same depth
 
@@ -201,9 +202,12 @@ def build_scene(rng: random.Random, kind: str, pair, relation: str, sides: tuple
         near, far = (0, 1) if relation == "in-front" else (1, 0)
         nw = round(sides[near] * SCALE_B["near"])
         fw = round(sides[far] * SCALE_B["far"])
-        fx = rng.randint(14, CANVAS - 14 - fw)
-        shift = rng.choice((-1, 1)) * rng.randint(5, 11)  # px: horizontal offset between the two centres
-        nx = min(max(fx + (fw - nw) // 2 + shift, 1), CANVAS - 1 - nw)
+        # px: horizontal offset between the two centres, about half the near width: the near object covers
+        # roughly half of the far one (at least 4 px of overlap), the rest stays in view beside it.
+        shift = rng.choice((-1, 1)) * rng.randint(nw // 2 - 1, nw // 2 + 2)
+        offset = (fw - nw) // 2 + shift  # nx - fx
+        fx = rng.randint(max(2, 1 - offset), min(CANVAS - 2 - fw, CANVAS - 1 - nw - offset))
+        nx = fx + offset
         boxes = [None, None]
         boxes[far] = (fx, BASE_B["far"] - fw, fx + fw, BASE_B["far"])
         boxes[near] = (nx, BASE_B["near"] - nw, nx + nw, BASE_B["near"])
@@ -293,9 +297,14 @@ class VlmSpec:
     scene: Scene | None = None  # Spatial: the scene whose derived relation the statement names
 
 
-def build_vlm_pair(seed: int, category: str, index: int) -> tuple[VlmSpec, VlmSpec]:
-    """Two images of one category with contrasting statements; each statement describes its own image."""
-    rng = make_rng(seed, "mmvp_vlm", category, index)
+def build_vlm_pair(
+    seed: int, category: str, index: int, purpose: str = "mmvp_vlm"
+) -> tuple[VlmSpec, VlmSpec]:
+    """Two images of one category with contrasting statements; each statement describes its own image.
+
+    ``purpose`` keys the generator: MMVP-VLM uses the default, MMVP its own, so the two never share images.
+    """
+    rng = make_rng(seed, purpose, category, index)
     colour = rng.choice(list(COLOURS))
     shape = rng.choice(("circle", "square", "diamond"))
     if category == "Orientation":

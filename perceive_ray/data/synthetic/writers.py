@@ -1,5 +1,8 @@
 """Writers of the synthetic benchmark in the real layouts: What'sUp Controlled A/B, MMVP-VLM, LLaVA-1.5 JSON.
 
+The other families (What'sUp COCO/VG-QA and MMVP in ``writers_qa``, the t2v_metrics folder in ``writers_t2v``)
+are first planned (``Plan``: image specs + annotation payloads) and then written by ``write_plan``.
+
 Everything written goes through ``TreeWriter``, which fixes the byte encoding (sorted-key JSON with 2-space
 indent, RFC-4180 CSV, baseline JPEG without metadata) and records a sha256 per file: one seed, one tree.
 No timestamps and no absolute paths are written anywhere.
@@ -11,12 +14,13 @@ import csv
 import hashlib
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from perceive_ray.data.synthetic.render import encode_jpeg, render_scene, render_vlm
+from perceive_ray.data.synthetic.render import encode_jpeg, encode_png, render_scene, render_spec
 from perceive_ray.data.synthetic.scenes import (
     KIND_RELATIONS,
     OPPOSITE,
@@ -66,9 +70,14 @@ class TreeWriter:
         path.write_bytes(data)
         self.hashes[rel] = hashlib.sha256(data).hexdigest()
 
-    def write_json(self, rel: str, obj: Any) -> None:
-        text = json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    def write_json(self, rel: str, obj: Any, *, sort_keys: bool = True) -> None:
+        text = json.dumps(obj, sort_keys=sort_keys, indent=2, ensure_ascii=False) + "\n"
         self.write_bytes(rel, text.encode("utf-8"))
+
+    def write_jsonl(self, rel: str, records: list[Any]) -> None:
+        """One compact JSON object a line, keys in insertion order (what the real .jsonl files hold)."""
+        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+        self.write_bytes(rel, "".join(lines).encode("utf-8"))
 
     def write_csv(self, rel: str, header: tuple[str, ...], rows: list[list[str]]) -> None:
         buffer = io.StringIO(newline="")
@@ -80,12 +89,61 @@ class TreeWriter:
     def write_jpeg(self, rel: str, image: Image.Image) -> None:
         self.write_bytes(rel, encode_jpeg(image))
 
+    def write_image(self, rel: str, image: Image.Image) -> None:
+        """PNG for ``.png`` paths, baseline JPEG for ``.jpg``/``.jpeg``."""
+        if rel.endswith(".png"):
+            self.write_bytes(rel, encode_png(image))
+        elif rel.endswith((".jpg", ".jpeg")):
+            self.write_jpeg(rel, image)
+        else:
+            raise ValueError(f"no image encoding for {rel!r}")
+
     def tree_sha256(self) -> str:
         """One digest over every (path, sha256) written, in sorted path order."""
         digest = hashlib.sha256()
         for rel in sorted(self.hashes):
             digest.update(f"{rel}\0{self.hashes[rel]}\n".encode())
         return digest.hexdigest()
+
+
+@dataclass
+class Plan:
+    """What one benchmark family writes under its root (paths relative to it): image specs and annotation files.
+
+    Builders fill a Plan without touching the disk, so tests can rebuild the spec behind every image.
+    ``files`` values are ``("json", obj)``, ``("json_ordered", obj)`` (keys kept in insertion order),
+    ``("jsonl", records)`` or ``("csv", (header, rows))``.
+    """
+
+    images: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add_image(self, rel: str, spec: Any) -> str:
+        if rel in self.images:
+            raise AssertionError(f"image {rel!r} planned twice")
+        self.images[rel] = spec
+        return rel
+
+
+def write_plan(tree: TreeWriter, prefix: str, plan: Plan) -> dict[str, int]:
+    """Render and write every planned image, then every annotation file, under ``prefix``."""
+    for rel, spec in plan.images.items():
+        tree.write_image(f"{prefix}/{rel}", render_spec(spec))
+    for rel, (fmt, payload) in plan.files.items():
+        path = f"{prefix}/{rel}"
+        if fmt == "json":
+            tree.write_json(path, payload)
+        elif fmt == "json_ordered":
+            tree.write_json(path, payload, sort_keys=False)
+        elif fmt == "jsonl":
+            tree.write_jsonl(path, payload)
+        elif fmt == "csv":
+            header, rows = payload
+            tree.write_csv(path, header, rows)
+        else:
+            raise ValueError(f"unknown file format {fmt!r} for {rel!r}")
+    return dict(plan.counts)
 
 
 def write_whatsup(tree: TreeWriter, prefix: str, *, seed: int, pairs: int) -> dict[str, int]:
@@ -107,17 +165,24 @@ def write_whatsup(tree: TreeWriter, prefix: str, *, seed: int, pairs: int) -> di
     return counts
 
 
-def write_mmvp_vlm(tree: TreeWriter, prefix: str, *, seed: int, pairs_per_type: int) -> dict[str, int]:
+def plan_mmvp_vlm(seed: int, pairs_per_type: int) -> Plan:
     """``Questions.csv`` + ``MLLM_VLM Images/<Type>/<Question ID>.jpg``; rows (2k-1, 2k) form pair k."""
+    plan = Plan()
     rows: list[list[str]] = []
     for category in VLM_TYPES:
         for index in range(pairs_per_type):
             for spec in build_vlm_pair(seed, category, index):
                 qid = len(rows) + 1
-                tree.write_jpeg(f"{prefix}/{MMVP_VLM_IMAGES}/{category}/{qid}.jpg", render_vlm(spec))
+                plan.add_image(f"{MMVP_VLM_IMAGES}/{category}/{qid}.jpg", spec)
                 rows.append([str(qid), category, spec.statement])
-    tree.write_csv(f"{prefix}/Questions.csv", MMVP_VLM_HEADER, rows)
-    return {"mmvp_vlm_pairs": len(rows) // 2, "mmvp_vlm_rows": len(rows)}
+    plan.files["Questions.csv"] = ("csv", (MMVP_VLM_HEADER, rows))
+    plan.counts.update(mmvp_vlm_pairs=len(rows) // 2, mmvp_vlm_rows=len(rows))
+    return plan
+
+
+def write_mmvp_vlm(tree: TreeWriter, prefix: str, *, seed: int, pairs_per_type: int) -> dict[str, int]:
+    """MMVP-VLM under ``prefix`` (see ``plan_mmvp_vlm``); returns item counts."""
+    return write_plan(tree, prefix, plan_mmvp_vlm(seed, pairs_per_type))
 
 
 def _sentence(name1: str, relation: str, name2: str) -> str:
