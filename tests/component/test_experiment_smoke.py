@@ -1,4 +1,5 @@
-"""Every experiment's smoke block runs: the same file that targets a GPU cluster runs here on tiny models."""
+"""Every experiment's smoke block runs ON ITS OWN BENCHMARKS (synthetic data in their real formats): the same file
+that targets a GPU cluster runs here on tiny models."""
 
 from __future__ import annotations
 
@@ -30,6 +31,13 @@ def workdir(tmp_path_factory):
     for name in sorted({tiny_name(p) for p in EXPERIMENTS}):
         registry.resolve("tiny", name)(path / "runs" / "tiny" / name, seed=0)
     return path
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
+def test_smoke_block_uses_the_experiments_own_benchmarks(experiment):
+    real, smoke = load_config(experiment), load_config(experiment, smoke=True)
+    assert [b.name for b in smoke.benchmarks] == [b.name for b in real.benchmarks]
+    assert all(str(b.root).startswith("synth/") for b in smoke.benchmarks)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)

@@ -40,7 +40,7 @@ from perceive_ray.data.synthetic.writers import (
 from perceive_ray.data.synthetic.writers_qa import plan_mmvp, plan_whatsup_qa
 from perceive_ray.data.synthetic.writers_t2v import plan_t2v
 
-GENERATOR_VERSION = 2  # bump whenever the bytes a given seed produces change
+GENERATOR_VERSION = 3  # bump whenever the bytes a given seed produces change
 SUMMARY_FILE = "SYNTH.json"
 GENERATOR_NAME = "perceive_ray.data.synthetic"
 # Data roots (relative to out_dir) keyed by what reads them: registry benchmark names, plus the LLaVA split.

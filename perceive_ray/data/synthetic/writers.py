@@ -42,6 +42,7 @@ WHATSUP_FILES = {
     "B": ("controlled_clevr_dataset.json", "controlled_clevr"),
 }
 MMVP_VLM_HEADER = ("Question ID", "Type", "Statement")
+MMVP_VLM_LLAVA_HEADER = ("lndex", "Question", "Options", "Correct Answer")  # the upstream typo, kept
 MMVP_VLM_IMAGES = "MLLM_VLM Images"  # the HF folder name, space included
 
 # LLaVA-1.5 files: the real record schema under names that say the data are synthetic (real files:
@@ -166,16 +167,25 @@ def write_whatsup(tree: TreeWriter, prefix: str, *, seed: int, pairs: int) -> di
 
 
 def plan_mmvp_vlm(seed: int, pairs_per_type: int) -> Plan:
-    """``Questions.csv`` + ``MLLM_VLM Images/<Type>/<Question ID>.jpg``; rows (2k-1, 2k) form pair k."""
+    """``Questions.csv`` + ``MLLM_VLM Images/<Type>/<Question ID>.jpg``; rows (2k-1, 2k) form pair k. Also the
+    reference's converted questions ``Questions-llava.csv`` (``lndex,Question,Options,Correct Answer``, typo kept;
+    pair rows share question and options, odd rows answer ``(a)``, even ``(b)``), the VLM2Vec query prompts."""
+    from perceive_ray.data.synthetic.writers_qa import pair_question  # writers_qa builds on this module
+
     plan = Plan()
     rows: list[list[str]] = []
+    llava: list[list[str]] = []
     for category in VLM_TYPES:
         for index in range(pairs_per_type):
-            for spec in build_vlm_pair(seed, category, index):
+            specs = build_vlm_pair(seed, category, index)
+            question, labels = pair_question(category, specs)
+            for k, spec in enumerate(specs):
                 qid = len(rows) + 1
                 plan.add_image(f"{MMVP_VLM_IMAGES}/{category}/{qid}.jpg", spec)
                 rows.append([str(qid), category, spec.statement])
+                llava.append([str(qid), question, f"(a) {labels[0]} (b) {labels[1]}", "(a)" if k == 0 else "(b)"])
     plan.files["Questions.csv"] = ("csv", (MMVP_VLM_HEADER, rows))
+    plan.files["Questions-llava.csv"] = ("csv", (MMVP_VLM_LLAVA_HEADER, llava))
     plan.counts.update(mmvp_vlm_pairs=len(rows) // 2, mmvp_vlm_rows=len(rows))
     return plan
 

@@ -61,7 +61,7 @@ def plan_whatsup_qa(seed: int, pairs: int) -> Plan:
     return plan
 
 
-def _labels(category: str, specs: tuple[VlmSpec, VlmSpec]) -> tuple[str, tuple[str, str]]:
+def pair_question(category: str, specs: tuple[VlmSpec, VlmSpec]) -> tuple[str, tuple[str, str]]:
     """The MMVP question for a pair and the option naming each spec (label k describes specs[k])."""
     first = specs[0]
     if category == "Orientation":
@@ -107,7 +107,7 @@ def plan_mmvp(seed: int, pairs: int) -> Plan:
     questions: list[list[str]] = []
     statements: list[list[str]] = []
     for k, specs in enumerate(mmvp_specs(seed, pairs)):
-        question, labels = _labels(specs[0].category, specs)
+        question, labels = pair_question(specs[0].category, specs)
         if labels[0] == labels[1]:
             raise AssertionError(f"MMVP pair {k + 1}: both images answer {labels[0]!r}")
         options = list(labels)
