@@ -248,9 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Dataset tools.")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = data_sub.add_parser(
-        "synth", help="render the synthetic spatial benchmark in the real What'sUp / MMVP-VLM / LLaVA layouts",
-        description="Render seeded synthetic scenes and write them as What'sUp Controlled A and B (JSON + JPEG), "
-        "MMVP-VLM (CSV + folders) and a LLaVA-1.5-format caption split. The same seed gives byte-identical files.",
+        "synth", help="render the synthetic benchmark: every benchmark's real layout + LLaVA-format training data",
+        description="Render seeded synthetic scenes and write them in every benchmark's real layout (What'sUp "
+        "Controlled A/B and COCO/VG-QA, MMVP, MMVP-VLM, Winoground, EqBen_Mini, NaturalBench, COCO-CF, SugarCrepe, "
+        "SeeTRUE) plus a LLaVA-1.5-format caption split. The same seed gives byte-identical files.",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
