@@ -179,5 +179,8 @@ def test_load_seetrue_malformed(tmp_path):
 
     root = write_seetrue(tmp_path / "row")
     (root / "SeeTRUE.csv").write_text(",".join(SEETRUE_HEADER) + "\nSNLI-VE_0.jpg,x,1,o\n", encoding="utf-8")
-    with pytest.raises(ManifestError, match=r"SeeTRUE\.csv: row 2: 4 fields, header has 5"):
+    with pytest.raises(
+        ManifestError,
+        match=r"SeeTRUE\.csv: row 0 \(line 2\): 4 fields, header has 5; no value for column\(s\) dataset_source",
+    ):
         load_seetrue(root)

@@ -76,7 +76,7 @@ def load_mmvp(root: str | Path, *, strict_sizes: bool = False) -> Manifest:
     statements_path = src.find(*MMVP_STATEMENT_FILES)
     questions_path = src.find("Questions.csv")
     rows = _read_statements(src, statements_path)
-    questions = src.read_csv(questions_path, header=MMVP_QUESTIONS_HEADER)
+    questions = src.read_csv(questions_path, header=MMVP_QUESTIONS_HEADER, row_label=_data_row)
     # Questions.csv is aligned with the statements by position, as the reference reads it (row[1] per row).
     if len(questions) != len(rows):
         raise ManifestError(
@@ -173,6 +173,11 @@ def _image_dir(src: SourceFiles, candidates: tuple[str, ...]) -> str:
     return src.find_dir(*candidates).relative_to(src.root).as_posix()
 
 
+def _data_row(index: int) -> str:
+    """How messages name the 0-based data row ``index``: 1-based, header not counted (upstream's numbering)."""
+    return f"data row {index + 1}"
+
+
 def _where(path: Path, row: StatementRow) -> str:
     return f"{path}: data row {row.row} (Question ID {row.qid})"
 
@@ -181,11 +186,12 @@ def _read_statements(src: SourceFiles, path: Path) -> list[StatementRow]:
     """``Question ID,Type,Statement`` rows; ids must be unique decimal integers, statements non-empty, raw."""
     rows: list[StatementRow] = []
     seen: dict[int, int] = {}
-    for n, record in enumerate(src.read_csv(path, header=STATEMENTS_HEADER), start=1):
+    for n, record in enumerate(src.read_csv(path, header=STATEMENTS_HEADER, row_label=_data_row), start=1):
         raw_id = record["Question ID"]
         # Image file names are built from the id ({id}.jpg, as the reference's int(qid) does), so only digits
-        # are accepted: that also keeps path tricks such as "../x" out of the image path.
-        if not _DIGITS.fullmatch(raw_id):
+        # are accepted: that also keeps path tricks such as "../x" out of the image path. (The length cap keeps
+        # int() within Python's digit limit; no real id comes near it.)
+        if not _DIGITS.fullmatch(raw_id) or len(raw_id) > 18:
             raise ManifestError(f"{path}: data row {n}: Question ID {raw_id!r} is not a decimal integer")
         qid = int(raw_id)
         if qid in seen:
@@ -231,7 +237,7 @@ def _read_llava(
     path = next((src.root / rel for rel in LLAVA_FILES if (src.root / rel).is_file()), None)
     if path is None:
         return None
-    records = src.read_csv(path, header=LLAVA_HEADER)
+    records = src.read_csv(path, header=LLAVA_HEADER, row_label=_data_row)
     if len(records) != n_rows:
         raise ManifestError(
             f"{path}: {len(records)} data rows, but {statements_path} has {n_rows}; the two files are "

@@ -26,7 +26,7 @@ def load_seetrue(root: str | Path, *, strict_sizes: bool = False) -> Manifest:
     """SeeTRUE: 1x1 items with ``Item.label`` in {0, 1} and ``Item.subset`` = dataset_source."""
     files = SourceFiles(root, "seetrue")
     path = files.find(CSV_FILE)
-    rows = files.read_csv(path, min_header=REQUIRED_COLUMNS)
+    rows = files.read_csv(path, min_header=REQUIRED_COLUMNS, row_label=lambda i: f"row {i}")
     image_dir = files.rel(files.find_dir(*IMAGE_DIRS))
     items = []
     for row, record in enumerate(rows):
@@ -37,6 +37,8 @@ def load_seetrue(root: str | Path, *, strict_sizes: bool = False) -> Manifest:
             raise ManifestError(f"{where}: dataset_source is empty")
         if not record["text"]:
             raise ManifestError(f"{where}: text is empty")
+        if not record["image"]:
+            raise ManifestError(f"{where}: image is empty")
         items.append(
             Item(
                 item_id=str(row),

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from perceive_ray.data.manifest import Item, Manifest, ManifestError, check_size
-from perceive_ray.data.sources import SourceFiles
+from perceive_ray.data.sources import SourceFiles, describe
 
 SUBSET_SIZES = {
     "add_obj": 2062,
@@ -51,14 +51,20 @@ def load_sugarcrepe(root: str | Path, *, strict_sizes: bool = False) -> Manifest
         path = files.find(f"{annotation_dir}/{subset}.json")
         data = files.read_json(path)
         if not isinstance(data, dict):
-            raise ManifestError(f"{path}: expected a JSON object {{idx: entry}}, got {type(data).__name__}")
+            raise ManifestError(f"{path}: expected a JSON object {{idx: entry}}, got {describe(data)}")
         for idx, entry in data.items():
             where = f"{path}: key {idx!r}"
-            if not isinstance(entry, dict) or not set(FIELDS) <= set(entry):
-                raise ManifestError(f"{where}: expected an object with {', '.join(FIELDS)}")
-            for name in ("caption", "negative_caption"):
+            if not isinstance(entry, dict):
+                raise ManifestError(f"{where}: expected an object with {', '.join(FIELDS)}, got {describe(entry)}")
+            missing = [name for name in FIELDS if name not in entry]
+            if missing:
+                raise ManifestError(
+                    f"{where}: expected an object with {', '.join(FIELDS)}; missing field(s) {', '.join(missing)} "
+                    f"(the object has {', '.join(repr(k) for k in list(entry)[:12]) or 'no keys'})"
+                )
+            for name in FIELDS:
                 if not isinstance(entry[name], str) or not entry[name]:
-                    raise ManifestError(f"{where}: {name} must be a non-empty string, got {entry[name]!r}")
+                    raise ManifestError(f"{where}: {name} must be a non-empty string, got {describe(entry[name])}")
             image = files.image(entry["filename"], where=where, under=IMAGE_DIR)
             items.append(
                 Item(

@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from perceive_ray.data.manifest import Item, Manifest, ManifestError, check_size
-from perceive_ray.data.sources import SourceFiles
+from perceive_ray.data.sources import SourceFiles, check_fields, describe
 
 # Whitespace tokens that name a relation in Controlled captions (the reference's detection rule).
 CONTROLLED_WORDS = frozenset({"on", "under", "front", "behind", "left", "right"})
 OPPOSITE = {"on": "under", "under": "on", "front": "behind", "behind": "front", "left": "right", "right": "left"}
 # Relation word -> metric group.
 CONTROLLED_GROUP = {"left": "lr", "right": "lr", "on": "ou", "under": "ou", "front": "fb", "behind": "fb"}
+
+# Positions of a COCO-QA / VG-QA record, named in error messages.
+QA_FIELDS = ("image_id", "true_caption", "false_caption")
 
 QA_WORDS = {
     "left": "lr",
@@ -94,15 +97,15 @@ def compute_two_way(captions: list[str], gold: str, *, where: str) -> tuple[int,
     found = set(captions[0].split()) & CONTROLLED_WORDS
     if found != {gold}:
         raise ManifestError(
-            f"{where}: true caption {captions[0]!r} must contain exactly the relation word {gold!r}; "
-            f"found {sorted(found) or 'none'}"
+            f"{where}: true caption {captions[0]!r} (caption_options[0]) must contain exactly the relation word "
+            f"{gold!r}; found {sorted(found) or 'none'}"
         )
     wanted = {gold, OPPOSITE[gold]}
     kept = [i for i, caption in enumerate(captions) if wanted & set(caption.split())]
     if len(kept) != 2 or kept[0] != 0:
         raise ManifestError(
-            f"{where}: expected exactly 2 captions with {gold!r}/{OPPOSITE[gold]!r}, the first being index 0; "
-            f"kept indices {kept}"
+            f"{where}: expected exactly 2 caption_options with {gold!r}/{OPPOSITE[gold]!r}, the first being "
+            f"index 0; kept indices {kept}"
         )
     return kept[0], kept[1]
 
@@ -112,18 +115,24 @@ def _load_controlled(root: str | Path, spec: ControlledSpec, strict_sizes: bool)
     path = files.find(spec.annotation)
     records = files.read_json(path)
     if not isinstance(records, list):
-        raise ManifestError(f"{path}: expected a JSON array of {{image_path, caption_options}} objects")
+        raise ManifestError(
+            f"{path}: expected a JSON array of {{image_path, caption_options}} objects, got {describe(records)}"
+        )
     items: list[Item] = []
-    relations_by_key: dict[str, dict[str, str]] = defaultdict(dict)
+    relations_by_key: dict[str, dict[str, tuple[str, int]]] = defaultdict(dict)
     for row, record in enumerate(records):
         where = f"{path}: row {row}"
-        if not isinstance(record, dict) or set(record) < {"image_path", "caption_options"}:
-            raise ManifestError(f"{where}: expected an object with 'image_path' and 'caption_options'")
+        check_fields(record, ("image_path", "caption_options"), where=where)
         raw_path, captions = record["image_path"], record["caption_options"]
-        if not isinstance(captions, list) or len(captions) != 4 or not all(isinstance(c, str) for c in captions):
-            raise ManifestError(f"{where}: 'caption_options' must be a list of 4 strings")
+        if not isinstance(captions, list) or len(captions) != 4:
+            raise ManifestError(f"{where}: 'caption_options' must be a list of 4 strings, got {describe(captions)}")
+        for k, caption in enumerate(captions):
+            if not isinstance(caption, str):
+                raise ManifestError(
+                    f"{where}: 'caption_options' must be a list of 4 strings; element {k} is {describe(caption)}"
+                )
         if not isinstance(raw_path, str):
-            raise ManifestError(f"{where}: 'image_path' must be a string")
+            raise ManifestError(f"{where}: 'image_path' must be a string, got {describe(raw_path)}")
         parts = PurePosixPath(raw_path).parts
         # The reference paths start with data/: drop it and join the rest to the root.
         rel = PurePosixPath(*parts[1:]).as_posix() if parts and parts[0] == "data" and len(parts) > 1 else raw_path
@@ -136,11 +145,12 @@ def _load_controlled(root: str | Path, spec: ControlledSpec, strict_sizes: bool)
         two_way = compute_two_way(captions, gold, where=where)
         pair_key = f"{obj1}/{obj2}"
         if relation in relations_by_key[pair_key]:
+            first_name, first_row = relations_by_key[pair_key][relation]
             raise ManifestError(
                 f"{where}: object pair {pair_key!r} has relation {relation!r} twice "
-                f"({relations_by_key[pair_key][relation]} and {name})"
+                f"({first_name} and {name}); image_path {raw_path!r} duplicates the relation of row {first_row}"
             )
-        relations_by_key[pair_key][relation] = name
+        relations_by_key[pair_key][relation] = (name, row)
         items.append(
             Item(
                 item_id=name[: -len(".jpeg")],
@@ -158,7 +168,8 @@ def _load_controlled(root: str | Path, spec: ControlledSpec, strict_sizes: bool)
         if missing:
             raise ManifestError(
                 f"{path}: object pair {pair_key!r} lacks image(s) for relation(s) {', '.join(missing)}; "
-                f"a set needs all of {', '.join(spec.relation_keys)} (has {', '.join(sorted(relations.values()))})"
+                f"a set needs all of {', '.join(spec.relation_keys)} "
+                f"(has {', '.join(sorted(name for name, _ in relations.values()))})"
             )
     warnings: list[str] = []
     check_size(warnings, what=f"{spec.benchmark} images", actual=len(items), expected=spec.images, strict=strict_sizes)
@@ -175,19 +186,14 @@ def _load_qa(root: str | Path, spec: QASpec, strict_sizes: bool) -> Manifest:
     path = files.find(spec.annotation)
     records = files.read_json(path)
     if not isinstance(records, list):
-        raise ManifestError(f"{path}: expected a JSON array of [image_id, true_caption, false_caption]")
+        raise ManifestError(
+            f"{path}: expected a JSON array of [image_id, true_caption, false_caption], got {describe(records)}"
+        )
     items = []
     group_sizes: dict[str, int] = defaultdict(int)
     for row, record in enumerate(records):
         where = f"{path}: row {row}"
-        if (
-            not isinstance(record, list)
-            or len(record) != 3
-            or isinstance(record[0], bool)
-            or not isinstance(record[0], int)
-            or not all(isinstance(c, str) for c in record[1:])
-        ):
-            raise ManifestError(f"{where}: expected [image_id:int, true_caption:str, false_caption:str], got {record!r}")
+        _check_qa_record(record, where=where)
         image_id, true_caption, false_caption = record
         found = [w for w in true_caption.split() if w in QA_WORDS]
         if len(set(found)) != 1:
@@ -214,6 +220,22 @@ def _load_qa(root: str | Path, spec: QASpec, strict_sizes: bool) -> Manifest:
             check_size(warnings, what=f"{spec.benchmark} group {group}", actual=group_sizes.get(group, 0),
                        expected=spec.groups.get(group, 0), strict=strict_sizes)
     return Manifest(spec.benchmark, str(files.root), tuple(items), files.hashes, tuple(warnings))
+
+
+def _check_qa_record(record: object, *, where: str) -> None:
+    """``[image_id:int, true_caption:str, false_caption:str]``; the message names the offending element."""
+    expected = "expected [image_id:int, true_caption:str, false_caption:str]"
+    if not isinstance(record, list):
+        raise ManifestError(f"{where}: {expected}, got {describe(record)}")
+    if len(record) != 3:
+        absent = f"; no {', '.join(QA_FIELDS[len(record):])}" if len(record) < 3 else ""
+        raise ManifestError(f"{where}: {expected}, got {len(record)} element(s){absent}: {describe(record)}")
+    image_id = record[0]
+    if isinstance(image_id, bool) or not isinstance(image_id, int):
+        raise ManifestError(f"{where}: {expected}; image_id (element 0) is {describe(image_id)}")
+    for k in (1, 2):
+        if not isinstance(record[k], str):
+            raise ManifestError(f"{where}: {expected}; {QA_FIELDS[k]} (element {k}) is {describe(record[k])}")
 
 
 def load_controlled_a(root: str | Path, *, strict_sizes: bool = False) -> Manifest:

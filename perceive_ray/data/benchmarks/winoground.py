@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from perceive_ray.data.manifest import Item, Manifest, ManifestError, check_size
-from perceive_ray.data.sources import SourceFiles
+from perceive_ray.data.sources import SourceFiles, check_fields, describe
 
 WINOGROUND_DIR = "winoground"
 WINOGROUND_COLUMNS = ("id", "image_0", "image_1", "caption_0", "caption_1")
@@ -63,7 +63,8 @@ COCO_CF_FILE = "cococounterfactuals.jsonl"
 COCO_CF_IMAGE_DIRS = ("COCOCounterfactuals/images", "images")
 COCO_CF_ITEMS = 17409
 
-_DECIMAL = re.compile(r"[0-9]+")
+# Decimal ids; the length cap keeps int() within Python's digit limit (no real id comes near it).
+_DECIMAL = re.compile(r"[0-9]{1,18}")
 
 
 def build_pair_item(
@@ -84,22 +85,16 @@ def build_pair_item(
     Images are ``image_dir/<value><image_suffix>``; captions are kept byte-exact and must be non-empty
     strings.
     """
-    if not isinstance(record, Mapping):
-        raise ManifestError(
-            f"{where}: expected an object with {', '.join(fields)}, got {type(record).__name__}"
-        )
-    missing = [name for name in fields if name not in record]
-    if missing:
-        raise ManifestError(f"{where}: missing field(s) {', '.join(missing)}")
+    check_fields(record, fields, where=where)
     image_keys, caption_keys = fields[:2], fields[2:]
     for key in caption_keys:
         if not isinstance(record[key], str) or not record[key]:
-            raise ManifestError(f"{where}: {key} must be a non-empty string, got {record[key]!r}")
+            raise ManifestError(f"{where}: {key} must be a non-empty string, got {describe(record[key])}")
     images = []
     for key in image_keys:
         value = record[key]
         if not isinstance(value, str) or not value:
-            raise ManifestError(f"{where}: {key} must be a non-empty string, got {value!r}")
+            raise ManifestError(f"{where}: {key} must be a non-empty string, got {describe(value)}")
         images.append(files.image(value + image_suffix, where=f"{where} ({key})", under=image_dir))
     return Item(
         item_id=item_id,
@@ -118,26 +113,29 @@ def _manifest(benchmark: str, files: SourceFiles, items: list[Item], warnings: l
 def _json_array(files: SourceFiles, path: Path) -> list[Any]:
     records = files.read_json(path)
     if not isinstance(records, list):
-        raise ManifestError(f"{path}: expected a JSON array of objects, got {type(records).__name__}")
+        raise ManifestError(f"{path}: expected a JSON array of objects, got {describe(records)}")
     return records
 
 
 def _winoground_examples(files: SourceFiles, path: Path) -> dict[int, dict[str, Any]]:
     """examples.jsonl -> {id: {num_main_preds, collapsed_tag}} (the reference's "original tags")."""
     out: dict[int, dict[str, Any]] = {}
+    first_row: dict[int, int] = {}
     for row, record in enumerate(files.read_jsonl(path)):
         where = f"{path}: row {row}"
-        if not isinstance(record, dict) or not {"id", "num_main_preds", "collapsed_tag"} <= set(record):
-            raise ManifestError(f"{where}: expected an object with id, num_main_preds and collapsed_tag")
+        check_fields(record, ("id", "num_main_preds", "collapsed_tag"), where=where)
         ex_id, preds, tag = record["id"], record["num_main_preds"], record["collapsed_tag"]
         if isinstance(ex_id, bool) or not isinstance(ex_id, int):
-            raise ManifestError(f"{where}: id must be an integer, got {ex_id!r}")
-        if isinstance(preds, bool) or preds not in (1, 2):
-            raise ManifestError(f"{where}: id {ex_id}: num_main_preds must be 1 or 2, got {preds!r}")
+            raise ManifestError(f"{where}: id must be an integer, got {describe(ex_id)}")
+        if isinstance(preds, bool) or not isinstance(preds, int) or preds not in (1, 2):
+            raise ManifestError(f"{where}: id {ex_id}: num_main_preds must be 1 or 2, got {describe(preds)}")
         if not isinstance(tag, str) or not tag:
-            raise ManifestError(f"{where}: id {ex_id}: collapsed_tag must be a non-empty string, got {tag!r}")
-        if ex_id in out:
-            raise ManifestError(f"{where}: duplicate id {ex_id}")
+            raise ManifestError(
+                f"{where}: id {ex_id}: collapsed_tag must be a non-empty string, got {describe(tag)}"
+            )
+        if ex_id in first_row:
+            raise ManifestError(f"{where}: duplicate id {ex_id} (already used by row {first_row[ex_id]})")
+        first_row[ex_id] = row
         out[ex_id] = {"num_main_preds": preds, "collapsed_tag": tag}
     return out
 
@@ -146,14 +144,14 @@ def _why_hard_tags(files: SourceFiles, path: Path) -> dict[int, tuple[str, ...]]
     """why_winoground_hard.json -> {id: tags}; an empty list stays empty (the metric reports "No Tag")."""
     data = files.read_json(path)
     if not isinstance(data, dict):
-        raise ManifestError(f"{path}: expected a JSON object {{id: [tags]}}, got {type(data).__name__}")
+        raise ManifestError(f"{path}: expected a JSON object {{id: [tags]}}, got {describe(data)}")
     out: dict[int, tuple[str, ...]] = {}
     for key, tags in data.items():
         if not _DECIMAL.fullmatch(key):
             raise ManifestError(f"{path}: key {key!r} is not a decimal example id")
         if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
             raise ManifestError(
-                f"{path}: key {key!r}: expected a list of non-empty tag strings, got {tags!r}"
+                f"{path}: key {key!r}: expected a list of non-empty tag strings, got {describe(tags)}"
             )
         out[int(key)] = tuple(dict.fromkeys(tags))  # a tag listed twice still counts once
     return out
@@ -169,7 +167,7 @@ def load_winoground(root: str | Path, *, strict_sizes: bool = False) -> Manifest
     meta_path = files.find(f"{WINOGROUND_DIR}/metadata.csv")
     examples_path = files.find(f"{WINOGROUND_DIR}/examples.jsonl")
     hard_path = files.find(f"{WINOGROUND_DIR}/why_winoground_hard.json")
-    rows = files.read_csv(meta_path, min_header=WINOGROUND_COLUMNS)
+    rows = files.read_csv(meta_path, min_header=WINOGROUND_COLUMNS, row_label=lambda i: f"row {i}")
     examples = _winoground_examples(files, examples_path)
     why_hard = _why_hard_tags(files, hard_path)
 
@@ -249,10 +247,9 @@ def load_naturalbench(root: str | Path, *, strict_sizes: bool = False) -> Manife
     items = []
     for row, record in enumerate(_json_array(files, path)):
         where = f"{path}: row {row}"
-        index = record.get("index") if isinstance(record, dict) else None
-        if isinstance(record, dict) and (
-            isinstance(index, bool) or index != row or not isinstance(index, int)
-        ):
+        check_fields(record, ("index", *PAIR_FIELDS), where=where)
+        index = record["index"]
+        if isinstance(index, bool) or not isinstance(index, int) or index != row:
             raise ManifestError(f"{where}: index {index!r} must equal the row position {row}")
         items.append(
             build_pair_item(
