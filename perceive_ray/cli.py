@@ -1,6 +1,7 @@
 """`perceive-ray` command line: parse -> config -> call one library function.
 
-Exit codes: 0 success, 2 bad input (config, dataset files, scores), 1 anything unexpected.
+Exit codes: 0 success, 2 bad input (config, dataset files, scores, too many unreadable images), 3 scored and written
+but tracking failed mid-run (log it later with ``perceive-ray track RUN_DIR``), 1 anything unexpected.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from perceive_ray import registry
+from perceive_ray.config import redact_uri
 from perceive_ray.metrics.policies import LABEL_ERRATA, TIE_POLICIES
+from perceive_ray.tracking.tracker import TrackingFailedError
 
 EXIT_BAD_INPUT = 2
+EXIT_TRACKING_FAILED = 3
 
 
 class CliError(Exception):
@@ -139,6 +143,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         run_eval(config, run_id=args.run_id, address=args.address, track=not args.no_track, on_error=args.on_error)
     except _run_errors() as exc:
         raise CliError(str(exc)) from exc
+    return 0
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    from perceive_ray.tracking.replay import track_run_dir
+
+    run_id = track_run_dir(Path(args.run_dir), uri=args.tracking_uri, experiment=args.experiment)
+    print(f"tracked: {args.run_dir} -> run {run_id}")
     return 0
 
 
@@ -355,6 +367,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser(
+        "track", help="log a finished run directory to MLflow (after a tracking outage, or a --no-track run)",
+        description="Log RUN_DIR to a tracker: params from config.yaml, tags from run_record.json (provenance and "
+        "the scorer's describe()), metrics from each benchmark's metrics.json, the tables as artifacts. A run that "
+        "an earlier invocation opened on the same URI (tracking.json) is reopened and finished, so a run id has "
+        "one MLflow run.",
+    )
+    p.add_argument("run_dir", help="the run directory (<output_dir>/<run id>)")
+    p.add_argument("--tracking-uri", help="tracker URI (default: the run's tracking.uri, else MLFLOW_TRACKING_URI, "
+                   "else sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment (default: the run's tracking.experiment)")
+    p.set_defaults(func=cmd_track)
+
+    p = sub.add_parser(
         "metrics", help="compute a benchmark's metrics from a scores table",
         description="Compute metrics (PROTOCOLS §2) from a scores Parquet (item_id, image_index, text_index, "
         "score). Exits 2 with a clear message when the scores do not cover the benchmark's items.",
@@ -391,8 +416,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         return args.func(args)
     except _bad_input_errors() as exc:
-        print(f"perceive-ray: error: {exc}", file=sys.stderr)
+        print(f"perceive-ray: error: {redact_uri(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrackingFailedError as exc:
+        print(f"perceive-ray: error: {redact_uri(exc)}", file=sys.stderr)
+        return EXIT_TRACKING_FAILED
 
 
 if __name__ == "__main__":

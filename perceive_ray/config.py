@@ -7,6 +7,7 @@ Errors are ``ConfigError``s that name the file and the dotted key path; the CLI 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from perceive_ray import registry
 from perceive_ray.metrics.policies import LabelErrata, TiePolicy
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:token|password|passwd|secret|key|access_token)=)[^&\s]+")
+
+
+def redact_uri(text: object) -> str:
+    """``https://user:secret@host`` -> ``https://***@host``; secret query values -> ``***`` (in any text)."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub("***@", str(text)))
 
 
 class ConfigError(ValueError):
@@ -108,6 +117,9 @@ class ResourcesConfig(StrictModel):
 class TrackingConfig(StrictModel):
     uri: str | None = None
     experiment: str = "perceive_ray"
+    # Bounds on every tracking call: a dead server costs at most about timeout_s x (max_retries + 1) once.
+    timeout_s: float = Field(default=10.0, gt=0)
+    max_retries: int = Field(default=2, ge=0)
 
 
 class ExperimentConfig(StrictModel):
@@ -125,6 +137,8 @@ class ExperimentConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     output_dir: Path = Path("runs")
     on_error: Literal["record", "fail"] = "record"  # unreadable images: error rows, or stop the run
+    # record mode: a benchmark with more unreadable images than this fraction fails the run (after writing all)
+    max_error_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     smoke: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -320,6 +334,15 @@ def validate_file(path: str | Path, overrides: Overrides = (), *, smoke: bool | 
     return config
 
 
+def config_record(config: BaseModel) -> dict[str, Any]:
+    """The resolved config as plain data for records, params and config.yaml, credentials in URIs redacted."""
+    data = config.model_dump(mode="json")
+    tracking = data.get("tracking")
+    if isinstance(tracking, dict) and tracking.get("uri"):
+        tracking["uri"] = redact_uri(tracking["uri"])
+    return data
+
+
 def dump_config(config: BaseModel) -> str:
-    """The resolved config as YAML (recorded with every run)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML (recorded with every run; credentials in URIs redacted)."""
+    return yaml.safe_dump(config_record(config), sort_keys=False)

@@ -13,6 +13,8 @@ executor, so the same YAML behaves the same under both.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -25,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from perceive_ray import registry
-from perceive_ray.config import BenchmarkConfig, ExperimentConfig, dump_config
+from perceive_ray.config import BenchmarkConfig, ExperimentConfig, config_record, dump_config, redact_uri
 from perceive_ray.data.images import scoring_rows
 from perceive_ray.data.manifest import Manifest
 from perceive_ray.data.scores import write_scores
@@ -40,12 +42,29 @@ from perceive_ray.run_directory import (
     append_evaluation,
     check_identity,
     read_record,
+    read_tracking_state,
     write_record_once,
+    write_tracking_state,
 )
 from perceive_ray.tracking.run_record import build_run_record, experiment_tags, flatten_tags
-from perceive_ray.tracking.tracker import NullTracker, Tracker, build_tracker, resolve_tracking_uri
+from perceive_ray.tracking.tracker import (
+    GuardedTracker,
+    Tracker,
+    TrackingFailedError,
+    build_tracker,
+    resolve_tracking_uri,
+)
 
 ON_ERROR = ("record", "fail")
+# Fault injection for the reliability suite (tests/reliability, benchmarks/faults.py): the driver SIGKILLs itself at
+# the named point, e.g. PERCEIVE_RAY_FAULT=block:3. Points: start, block:<n>, between_benchmarks, final_logging.
+FAULT_ENV = "PERCEIVE_RAY_FAULT"
+
+
+def fault_point(name: str) -> None:
+    """Die here, as a killed driver would, when the fault-injection variable names this point."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Executor(Protocol):
@@ -205,6 +224,7 @@ class _Session:
         self.checked = False
         self.results: dict[str, BenchmarkResult] = {}
         self.last_progress = 0.0
+        self.blocks = 0
 
     def on_block(self, block: pa.Table) -> None:
         if block.num_rows == 0:
@@ -225,6 +245,10 @@ class _Session:
                     self.rows_now[name] += int(text == 0)
             if self.cells[name] <= 0 and name not in self.results:
                 self.finish_benchmark(name)
+                if len(self.results) < len(self.plan.benchmarks):
+                    fault_point("between_benchmarks")
+        self.blocks += 1
+        fault_point(f"block:{self.blocks}")
         self._progress()
 
     def _first_block(self) -> None:
@@ -297,19 +321,55 @@ def log_benchmark(tracker: Tracker, benchmark: str, result: BenchmarkResult) -> 
             tracker.log_artifact(path, benchmark)
 
 
+class TooManyImageErrors(ValueError):
+    """More unreadable images than ``max_error_fraction`` allows; everything scored is written first."""
+
+
+def check_error_budget(plan: EvaluationPlan, results: Mapping[str, BenchmarkResult]) -> None:
+    """Fail (after everything is written) when a benchmark has more unreadable images than allowed."""
+    limit = plan.config.max_error_fraction
+    over = []
+    for bench in plan.benchmarks:
+        result = results.get(bench.name)
+        rows = sum(len(item.images) for item in bench.target.items)
+        if result is None or rows == 0 or result.errors / rows <= limit:
+            continue
+        import pyarrow.parquet as pq
+
+        reasons = pq.read_table(result.scores_path.with_name("errors.parquet")).column("error").to_pylist()
+        shown = "; ".join(reasons[:3]) + (f"; ... {len(reasons) - 3} more" if len(reasons) > 3 else "")
+        over.append(f"{bench.name}: {result.errors} of {rows} images unreadable "
+                    f"({100 * result.errors / rows:.1f}% > max_error_fraction {100 * limit:g}%): {shown}")
+    if over:
+        raise TooManyImageErrors("too many unreadable images (scores, metrics and errors.parquet are written):\n  "
+                                 + "\n  ".join(over))
+
+
 def run_evaluation(config: ExperimentConfig, executor: Executor, *, run_id: str | None = None,
                    run_dir: Path | None = None, track: bool = True, on_error: str | None = None
                    ) -> list[BenchmarkResult]:
-    """Evaluate every benchmark of ``config`` with ``executor``; resumable by run id (see the module docstring)."""
+    """Evaluate every benchmark of ``config`` with ``executor``; resumable by run id (see the module docstring).
+
+    A tracking failure mid-run does not stop the scoring: the evaluation finishes, then raises
+    TrackingFailedError naming the run directory (``perceive-ray track RUN_DIR`` logs it later)."""
     plan = plan_evaluation(config, run_id=run_id, run_dir=run_dir, on_error=on_error, runner=executor.runner)
     started = time.time()
+    uri = resolve_tracking_uri(config.tracking.uri)
     try:
         # An unreachable tracking server fails here, before any model time.
-        tracker = build_tracker(config.tracking.uri, config.tracking.experiment, enabled=track)
+        tracker = GuardedTracker(build_tracker(config.tracking.uri, config.tracking.experiment, enabled=track,
+                                               timeout_s=config.tracking.timeout_s,
+                                               max_retries=config.tracking.max_retries))
         rows = pending_rows(plan)
         session = _Session(plan, rows, tracker, executor)
         tags = experiment_tags(config, plan.identity, runner=executor.runner, run_id=plan.run_id)
-        tracker.start(plan.run_id, config.model_dump(mode="json"), tags)
+        tracker.start(plan.run_id, config_record(config), tags,
+                      resume_run_id=read_tracking_state(plan.run_dir, uri) if track else None)
+        if track:
+            write_tracking_state(plan.run_dir, uri, config.tracking.experiment, tracker.run_id, "RUNNING",
+                                 tracker.failure)
+        fault_point("start")
+        status = "FINISHED"
         try:
             if rows:
                 roots = {b.name: b.manifest.root for b in plan.benchmarks}
@@ -319,28 +379,35 @@ def run_evaluation(config: ExperimentConfig, executor: Executor, *, run_id: str 
             for bench in plan.benchmarks:
                 if bench.name not in session.results:
                     session.finish_benchmark(bench.name)
-            if session.describe is None:
-                session.describe = {}
-            record_path = plan.run_dir / "run_record.json"
             loads = executor.loads() if rows else []
+            fault_point("final_logging")
             append_evaluation(plan.run_dir, {
                 "runner": executor.runner, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
                 "seconds": round(time.time() - started, 3), "model_loads": len(loads), "actors": loads,
-                "rows_scored": dict(session.rows_now), "config": config.model_dump(mode="json"),
-                "git_sha": build_run_record({})["git_sha"], "tracking_run_id": getattr(tracker, "run_id", ""),
+                "rows_scored": dict(session.rows_now), "config": config_record(config),
+                "git_sha": build_run_record({})["git_sha"], "tracking_run_id": tracker.run_id,
             })
-            for path in (plan.run_dir / "config.yaml", record_path):
+            for path in (plan.run_dir / "config.yaml", plan.run_dir / "run_record.json"):
                 if path.is_file():
                     tracker.log_artifact(path)
+            check_error_budget(plan, session.results)
         except BaseException:
-            tracker.finish("FAILED")
+            status = "FAILED"
             raise
-        tracker.finish()
+        finally:
+            tracker.finish(status)
+            if track:
+                final = status if tracker.failure is None else "TRACKING_FAILED"
+                write_tracking_state(plan.run_dir, uri, config.tracking.experiment, tracker.run_id, final,
+                                     tracker.failure)
     finally:
         plan.lock.release()
-    if track and not isinstance(tracker, NullTracker):
-        uri = resolve_tracking_uri(config.tracking.uri)
-        print(f"tracked: run {getattr(tracker, 'run_id', '')}")
+    if tracker.failure is not None:
+        raise TrackingFailedError(
+            f"every benchmark was scored and written to {plan.run_dir}, but tracking to {redact_uri(uri)} failed "
+            f"({tracker.failure}); log the run once the server is back with: perceive-ray track {plan.run_dir}")
+    if track:
+        print(f"tracked: run {tracker.run_id}")
         print(f"open the runs with: mlflow ui --host 127.0.0.1 --backend-store-uri {uri}"
-              if uri.startswith("sqlite") else f"open the runs at: {uri}")
+              if uri.startswith("sqlite") else f"open the runs at: {redact_uri(uri)}")
     return [session.results[b.name] for b in plan.benchmarks]

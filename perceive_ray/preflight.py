@@ -65,9 +65,11 @@ def check_model(model: ModelConfig) -> None:
             if names and source.replace("/", "-") not in names:
                 raise ConfigError(f"model.source: {source!r} is neither a local directory nor an open_clip model name "
                                   "(e.g. 'ViT-L-14-336')")
-            return
         check_source(model.source, key="model.source", family=model.family, allow_name=True)
         check_source(model.pretrained, key="model.pretrained", family=model.family, allow_name=True)
+        from perceive_ray.models.clip import resolve_open_clip_args
+
+        resolve_open_clip_args(model)  # the loader's own checks (pretrained tag, local dir layout), no weights read
         return
     check_source(model.source, key="model.source", family=model.family)
     check_source(model.pretrained, key="model.pretrained", family=model.family)

@@ -18,9 +18,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from perceive_ray.config import redact_uri
+
 LOCK_FILE = ".lock"
 RECORD_FILE = "run_record.json"
 CONFIG_FILE = "config.yaml"
+TRACKING_FILE = "tracking.json"  # which tracked run (URI, MLflow run id, status) belongs to this run id
 
 
 class RunLockedError(RuntimeError):
@@ -185,3 +188,21 @@ def check_identity(run_dir: Path, stored: Mapping[str, Any] | None, now: Mapping
         shown = "\n  ".join(changes[:12]) + (f"\n  ... and {len(changes) - 12} more" if len(changes) > 12 else "")
         raise RunMismatchError(f"run directory {run_dir} holds scores made with a different {what}:\n  {shown}\n"
                                "resuming would mix them; pick another --run-id to start afresh")
+
+
+def read_tracking_state(run_dir: Path, uri: str) -> str | None:
+    """The MLflow run id an earlier invocation of this run id opened on the same tracking URI, if any."""
+    try:
+        state = json.loads((run_dir / TRACKING_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state.get("mlflow_run_id") if state.get("uri") == redact_uri(uri) else None
+
+
+def write_tracking_state(run_dir: Path, uri: str, experiment: str, run_id: str, status: str,
+                         error: str | None = None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {"uri": redact_uri(uri), "experiment": experiment, "mlflow_run_id": run_id, "status": status}
+    if error:
+        state["error"] = error
+    (run_dir / TRACKING_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")

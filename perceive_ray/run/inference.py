@@ -28,6 +28,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from perceive_ray.config import ExperimentConfig, ResourcesConfig
+from perceive_ray.data.images import ImageError
 from perceive_ray.scoring.local import build_scorer, decode_rows, load_record, score_decoded_batch
 
 DECODE_CPUS = 0.25  # per decode task; image decoding is light next to scoring
@@ -79,6 +80,20 @@ class ScorerLedger:
         return list(self.entries)
 
 
+def actor_fault() -> None:
+    """Fault injection (reliability suite): PERCEIVE_RAY_FAULT=actor:<marker file> kills the first actor that finds
+    no marker file, once (it creates the marker, then exits hard, as a crashed worker would)."""
+    fault = os.environ.get("PERCEIVE_RAY_FAULT", "")
+    if fault.startswith("actor:"):
+        marker = fault[len("actor:"):]
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os._exit(1)
+
+
 class ScoringActor:
     """Actor-pool worker: sets its torch threads, builds the scorer once, scores readable rows, passes errors on."""
 
@@ -98,6 +113,7 @@ class ScoringActor:
                                          boundaries=[0.01, 0.05, 0.1, 0.5, 1, 5, 30])
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        actor_fault()
         start = time.perf_counter()
         table = score_decoded_batch(self.scorer, batch)
         self.latency.observe(time.perf_counter() - start)
@@ -106,6 +122,27 @@ class ScoringActor:
         if bad:
             self.failed.inc(bad)
         return table
+
+
+def raise_first_image_error(block: pa.Table) -> None:
+    errors = [e for e in block.column("error").to_pylist() if e]
+    if errors:
+        raise ImageError(errors[0])
+
+
+def known_cause(exc: BaseException) -> BaseException | None:
+    """The first error of ours (ImageError, ConfigError, ...) inside a Ray-wrapped exception chain, if any."""
+    seen: set[int] = set()
+    queue: list[BaseException | None] = [exc]
+    while queue:
+        current = queue.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if type(current).__module__.startswith("perceive_ray.") and current is not exc:
+            return current
+        queue += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return None
 
 
 def describe_digest(describe: Mapping[str, Any]) -> str:
@@ -144,7 +181,10 @@ class RayDataExecutor:
             # Several input blocks (about one per scorer batch) so results stream back and shards land as they go.
             blocks = max(1, min(1000, -(-len(rows) // batch_size)))
             ds = ray.data.from_items(rows, override_num_blocks=blocks)
-            ds = ds.map_batches(decode_batch, fn_kwargs={"roots": dict(roots), "on_error": on_error},
+            # Decode tasks always record unreadable images as error rows: an exception raised inside a Ray task
+            # reaches the driver only as text, so under on_error=fail the driver raises the ImageError itself
+            # (same message and exit code as the in-process path) once the block holding it is written.
+            ds = ds.map_batches(decode_batch, fn_kwargs={"roots": dict(roots), "on_error": "record"},
                                 batch_size=batch_size, num_cpus=DECODE_CPUS)
             ds = ds.map_batches(ScoringActor, fn_constructor_kwargs={"model": config.model, "scorer": config.scorer,
                                                                      "ledger": self.ledger, "threads": threads},
@@ -153,7 +193,16 @@ class RayDataExecutor:
             texts_per_row = max(len(row["texts"]) for row in rows)
             # Re-batch on the driver so a block arrives about every scorer batch, however Ray fused the blocks; a
             # row split across two blocks is only "done" once all its texts are written (see data.shards).
-            yield from ds.iter_batches(batch_size=batch_size * texts_per_row, batch_format="pyarrow")
+            try:
+                for block in ds.iter_batches(batch_size=batch_size * texts_per_row, batch_format="pyarrow"):
+                    yield block
+                    if on_error == "fail":
+                        raise_first_image_error(block)
+            except Exception as exc:
+                known = known_cause(exc)
+                if known is None:
+                    raise
+                raise known from None  # the same one-line error (and exit code) as the in-process path
             entries = self._ledger_entries()
             if len({describe_digest(e["describe"]) for e in entries}) > 1:
                 print("warning: the scorer actors report different describe() outputs; see run_record.json",

@@ -1,17 +1,25 @@
-"""Trackers: the protocol the runners log through, a NullTracker, and MlflowTracker (the only mlflow importer).
+"""Trackers: the protocol the runners log through, a NullTracker, MlflowTracker (the only mlflow importer) and the
+GuardedTracker the evaluation wraps around it.
 
 The tracking URI comes from the experiment (``tracking.uri``), else ``MLFLOW_TRACKING_URI``, else the embedded
-default ``sqlite:///<cwd>/mlflow.db``. An unreachable server fails fast, before any scoring, naming the URI.
+default ``sqlite:///<cwd>/mlflow.db``. An unreachable server fails fast, before any scoring, naming the URI (with any
+``user:password@`` redacted: credentials never reach a message or a log). Every HTTP call is bounded
+(``tracking.timeout_s``, ``tracking.max_retries``), and once the server fails mid-run the GuardedTracker stops
+calling it: scoring goes on, everything the tracker would have received stays in the run directory, and the run
+ends with an error that says so (``perceive-ray track RUN_DIR`` logs it afterwards).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
+
+from perceive_ray.config import redact_uri
 
 # MLflow limits (3.x): param values up to 6000 characters, tag values up to 8000, 100 params per batch call.
 MAX_PARAM_CHARS = 6000
@@ -20,7 +28,11 @@ BATCH = 100
 
 
 class TrackingError(RuntimeError):
-    """The tracking backend cannot be used; the message names the URI."""
+    """The tracking backend cannot be used; the message names the URI (credentials redacted)."""
+
+
+class TrackingFailedError(RuntimeError):
+    """Tracking failed mid-run; the scores and metrics are complete in the run directory."""
 
 
 class Tracker(Protocol):
@@ -71,15 +83,16 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http(s) only)
                 if response.status != 200:
-                    raise TrackingError(f"tracking server {uri} answered {response.status} on /health")
+                    raise TrackingError(f"tracking server {redact_uri(uri)} answered {response.status} on /health")
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            raise TrackingError(f"tracking server {uri} is unreachable: {exc}") from None
+            raise TrackingError(f"tracking server {redact_uri(uri)} is unreachable: {redact_uri(exc)}") from None
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir():
-            raise TrackingError(f"tracking URI {uri}: folder {folder} does not exist")
+            raise TrackingError(f"tracking URI {redact_uri(uri)}: folder {folder} does not exist")
     elif uri.startswith("file:") or "://" not in uri:
-        raise TrackingError(f"tracking URI {uri}: MLflow 3 refuses the file store; use sqlite:///... or http://...")
+        raise TrackingError(f"tracking URI {redact_uri(uri)}: MLflow 3 refuses the file store; use sqlite:///... or "
+                            "http://...")
 
 
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -100,8 +113,13 @@ def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
 class MlflowTracker:
     """One MLflow run per ``start``; metrics, params, tags and artifacts through MlflowClient (no global state)."""
 
-    def __init__(self, uri: str, experiment: str):
-        check_reachable(uri)
+    def __init__(self, uri: str, experiment: str, *, timeout_s: float = 10.0, max_retries: int = 2):
+        check_reachable(uri, timeout=timeout_s)
+        # MLflow reads its HTTP limits from the environment at every request (3.x defaults: 120 s timeout, 7
+        # retries with backoff: minutes per call on a dead server). Set them explicitly for this process.
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, round(timeout_s)))
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(max_retries)
+        os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
         from mlflow import MlflowClient  # only here: library code stays free of mlflow
 
         self.uri = uri
@@ -110,12 +128,31 @@ class MlflowTracker:
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         except Exception as exc:  # MLflow raises several types for a bad store; report one clear error
-            raise TrackingError(f"tracking URI {uri}: cannot open experiment {experiment!r}: {exc}") from exc
+            raise TrackingError(f"tracking URI {redact_uri(uri)}: cannot open experiment {experiment!r}: "
+                                f"{redact_uri(exc)}") from None
         self.run_id = ""
 
-    def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+    def _resumable(self, run_id: str | None) -> bool:
+        if not run_id:
+            return False
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 (deleted, or another store: start a new run)
+            return False
+        return run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active"
+
+    def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
+              resume_run_id: str | None = None) -> str:
+        """Open the run; with ``resume_run_id`` of an existing run in this experiment, reopen that one instead
+        (one MLflow run per run id, also after a killed run left it RUNNING). A reopened run keeps its params:
+        MLflow refuses changed values, and the first invocation's config is the run's config."""
         from mlflow.entities import Param
 
+        if self._resumable(resume_run_id):
+            self.run_id = str(resume_run_id)
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.log_tags(tags)
+            return self.run_id
         run = self.client.create_run(self.experiment_id, run_name=run_name)
         self.run_id = run.info.run_id
         flat = flatten_params(params)
@@ -150,7 +187,54 @@ class MlflowTracker:
             self.client.set_terminated(self.run_id, status=status)
 
 
-def build_tracker(uri: str | None, experiment: str, *, enabled: bool = True) -> Tracker:
+def build_tracker(uri: str | None, experiment: str, *, enabled: bool = True, timeout_s: float = 10.0,
+                  max_retries: int = 2) -> Tracker:
     if not enabled:
         return NullTracker()
-    return MlflowTracker(resolve_tracking_uri(uri), experiment)
+    return MlflowTracker(resolve_tracking_uri(uri), experiment, timeout_s=timeout_s, max_retries=max_retries)
+
+
+class GuardedTracker:
+    """Wraps a tracker so that a tracking failure never stops or stalls the scoring.
+
+    The first failing call marks the tracker failed (reason kept, credentials redacted) and every later call is
+    skipped, so a dead server costs one bounded call, not one per benchmark. What the tracker would have received is
+    in the run directory anyway (config.yaml, run_record.json, metrics.json, the tables).
+    """
+
+    def __init__(self, inner: Tracker) -> None:
+        self.inner = inner
+        self.failure: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        return str(getattr(self.inner, "run_id", "") or "")
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.failure is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 (whatever the backend raises, scoring goes on)
+            self.failure = f"{what} failed: {type(exc).__name__}: {redact_uri(str(exc))[:300]}"
+            print(f"warning: tracking stopped ({self.failure}); scoring goes on, results stay in the run "
+                  "directory", file=sys.stderr)
+            return None
+
+    def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
+              resume_run_id: str | None = None) -> str:
+        if isinstance(self.inner, MlflowTracker):
+            return self._call("start", self.inner.start, run_name, params, tags, resume_run_id) or ""
+        return self._call("start", self.inner.start, run_name, params, tags) or ""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._call("log_metrics", self.inner.log_metrics, metrics, step)
+
+    def log_tags(self, tags: Mapping[str, str]) -> None:
+        self._call("log_tags", self.inner.log_tags, tags)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._call("log_artifact", self.inner.log_artifact, path, artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._call("finish", self.inner.finish, status)

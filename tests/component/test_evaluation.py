@@ -160,6 +160,7 @@ def test_one_writer_per_run_directory(workdir, tmp_path):
         ("model.family=clipp", "model.family: unknown model family 'clipp'"),
         ("model.family=llava", "model.family: scorer 'clip_cosine' accepts model families 'clip'"),
         ("model.source=runs/tiny/clip_typo", "model.source: 'runs/tiny/clip_typo' not found"),
+        ("model.pretrained=openai", "model.pretrained: must be unset when model.source is a local directory"),
     ],
 )
 def test_bad_configs_exit_2_within_seconds_from_validate_eval_and_score(workdir, tmp_path, monkeypatch, capsys,

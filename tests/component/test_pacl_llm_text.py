@@ -16,10 +16,11 @@ from perceive_ray.data.catalog import load_benchmark
 from perceive_ray.data.images import load_rgb, to_pil
 from perceive_ray.data.synthetic import generate
 from perceive_ray.metrics.compute import compute_metrics
+from perceive_ray.models.clip_features import IMAGENET_MEAN, IMAGENET_STD
 from perceive_ray.models.heads.pacl import HeadSpec, PaclHead, save_head
 from perceive_ray.models.llm2clip import load_llm2clip, save_tiny_llm2clip
 from perceive_ray.models.text_embeddings import write_text_embeddings
-from perceive_ray.scoring.heads import IMAGENET_MEAN, IMAGENET_STD, PaclLlmTextScorer
+from perceive_ray.scoring.heads import PaclLlmTextScorer
 from perceive_ray.scoring.local import run_local
 from tests.component.test_llm2clip import reference_adapter, reference_llm_vectors
 

@@ -37,6 +37,24 @@ def wait_http(url: str, timeout: float, process: subprocess.Popen, log: Path) ->
     raise TimeoutError(f"{url} did not answer in {timeout} s: {log.read_text()[-3000:]}")
 
 
+def submit_job(address: str, work: Path, env: dict, tracking: str, whatsup: Path, data: Path):
+    """`ray job submit` of the smoke eval. The dashboard answers before its job agent is up (more so on a loaded
+    machine): Ray's own answer is "No available agent to submit job, please try again later", so try again."""
+    command = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+               "--submission-id", "perceive-smoke", "--",
+               "python", "-m", "perceive_ray", "eval", "experiments/eval/clip_whatsup.yaml", "--smoke",
+               "--run-id", "job", f"tracking.uri={tracking}", "tracking.experiment=job_submit",
+               "resources.num_cpus_per_actor=0.5",
+               f"benchmarks=[{{name: whatsup_controlled_a, root: '{whatsup}', limit: 8}}, "
+               f"{{name: whatsup_controlled_b, root: '{whatsup}', limit: 8}}]", f"model.source={data / 'tiny_clip'}"]
+    for _ in range(12):
+        submit = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=400)
+        if "No available agent to submit job" not in submit.stdout + submit.stderr:
+            return submit
+        time.sleep(5)
+    return submit
+
+
 def test_ray_job_submit_smoke_eval(tmp_path):
     # The job's working dir: a copy of the repository (tracked files only) plus its data and tiny model.
     work = tmp_path / "repo"
@@ -70,16 +88,7 @@ def test_ray_job_submit_smoke_eval(tmp_path):
         address = f"http://127.0.0.1:{dashboard}"
         wait_http(address + "/api/version", 120, head, log)
         with mlflow_server(tmp_path) as tracking:
-            submit = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-                 "--submission-id", "perceive-smoke", "--",
-                 "python", "-m", "perceive_ray", "eval", "experiments/eval/clip_whatsup.yaml", "--smoke",
-                 "--run-id", "job",
-                 f"tracking.uri={tracking}", "tracking.experiment=job_submit", "resources.num_cpus_per_actor=0.5",
-                 f"benchmarks=[{{name: whatsup_controlled_a, root: '{whatsup}', limit: 8}}, "
-                 f"{{name: whatsup_controlled_b, root: '{whatsup}', limit: 8}}]", f"model.source={data / 'tiny_clip'}"],
-                cwd=work, env=env, capture_output=True, text=True, timeout=400,
-            )
+            submit = submit_job(address, work, env, tracking, whatsup, data)
             assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
             assert "Job 'perceive-smoke' succeeded" in submit.stdout + submit.stderr
 

@@ -13,8 +13,9 @@ import pytest
 
 from perceive_ray.config import ResourcesConfig, load_config
 from perceive_ray.data.catalog import load_benchmark
+from perceive_ray.data.images import ImageError
 from perceive_ray.data.synthetic import generate
-from perceive_ray.evaluation import run_evaluation
+from perceive_ray.evaluation import TooManyImageErrors, run_evaluation
 from perceive_ray.models.clip import save_tiny_clip
 from perceive_ray.run.inference import RayDataExecutor, actor_resources, run_eval
 from perceive_ray.run_directory import RunMismatchError
@@ -151,15 +152,38 @@ def test_corrupt_images_are_reported_not_fatal(ray_local, workdir, tmp_path):
     manifest = load_benchmark("whatsup_controlled_a", data)
     victim = manifest.items[1]
     (data / victim.images[0]).write_bytes(b"\xff\xd8 truncated")
-    config = config_for(workdir, f"benchmarks.0.root={data}", f"output_dir={tmp_path / 'runs'}")
+    config = config_for(workdir, f"benchmarks.0.root={data}", f"output_dir={tmp_path / 'runs'}",
+                        "max_error_fraction=0.1")  # 1 of 12 images
     result = run_eval(config, run_id="bad", track=False)[0]
     assert result.errors == 1
     errors = pq.read_table(result.scores_path.with_name("errors.parquet")).to_pylist()
     assert errors[0]["item_id"] == victim.item_id and "cannot decode image" in errors[0]["error"]
     assert result.report.counts["4way/individual_acc/total"] == 11  # the denominator says what was scored
-    with pytest.raises(Exception, match="cannot decode image"):
+    # Above the error budget (default 5%): everything is written, then the run fails naming count and reason.
+    with pytest.raises(TooManyImageErrors, match=r"whatsup_controlled_a: 1 of 12 images unreadable \(8\.3% > "):
+        run_eval(config_for(workdir, f"benchmarks.0.root={data}", f"output_dir={tmp_path / 'runs'}"),
+                 run_id="bad_budget", track=False)
+    assert (tmp_path / "runs" / "bad_budget" / "whatsup_controlled_a" / "metrics.json").is_file()
+    # on_error=fail: the ImageError raised inside a Ray task comes out as itself, not a wrapped Ray traceback.
+    with pytest.raises(ImageError) as info:
         run_eval(config_for(workdir, f"benchmarks.0.root={data}", f"output_dir={tmp_path / 'runs'}",
                             "on_error=fail"), run_id="bad2", track=False)
+    assert str(info.value).startswith(str(data / victim.images[0])) and "cannot decode image" in str(info.value)
+    assert "Traceback" not in str(info.value) and "RayTaskError" not in str(info.value)
+
+
+def test_image_errors_inside_ray_exit_2_with_one_line(ray_local, workdir, tmp_path, capsys):
+    from perceive_ray.cli import main
+
+    data = tmp_path / "whatsup"
+    shutil.copytree(workdir / "synth" / "whatsup", data)
+    victim = load_benchmark("whatsup_controlled_a", data).items[0]
+    (data / victim.images[0]).write_bytes(b"")
+    code = main(["eval", str(EXPERIMENT), "--smoke", "--no-track", "--on-error", "fail", "--run-id", "unwrap",
+                 f"benchmarks=[{{name: whatsup_controlled_a, root: '{data}'}}]",
+                 f"model.source={workdir / 'tiny_clip'}", f"output_dir={tmp_path / 'runs'}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("perceive-ray: error:")]
+    assert code == 2 and len(err) == 1 and "cannot decode image" in err[0] and str(data) in err[0]
 
 
 def test_resume_refuses_a_different_option(ray_local, workdir):
