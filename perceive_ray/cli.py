@@ -188,8 +188,17 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     from perceive_ray.data.scores import read_scores
     from perceive_ray.metrics.compute import compute_metrics
 
-    scores = read_scores(args.scores)  # cheap checks first: the scores file, then the dataset
+    scores = read_scores(args.scores, keep_extra=True)  # cheap checks first: the scores file, then the dataset
     manifest = load_benchmark(args.benchmark, args.data_root, strict_sizes=args.strict_sizes)
+    errors_path = Path(args.errors) if args.errors else Path(args.scores).with_name("errors.parquet")
+    excluded = 0
+    if errors_path.is_file():  # items of unreadable images (an evaluation's errors.parquet): complete items only
+        import pyarrow.parquet as pq
+
+        bad = set(pq.read_table(errors_path, columns=["item_id"]).column("item_id").to_pylist())
+        kept = manifest.restrict(item.item_id for item in manifest.items if item.item_id not in bad)
+        excluded = len(manifest) - len(kept)
+        manifest = kept
     report = compute_metrics(
         manifest,
         scores,
@@ -199,12 +208,15 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         source=str(args.scores),
         mmvp_logit_scale=_mmvp_scale(args),
     )
+    report.counts["items_excluded"] = excluded
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         from perceive_ray.evaluation import format_report
 
         print(format_report(report.to_dict()))
+        if excluded:
+            print(f"{excluded} item(s) with unreadable images excluded ({errors_path})")
     for note in report.notes:
         print(f"warning: {note}", file=sys.stderr)
     return 0
@@ -392,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-sizes", action="store_true", help="make a size that differs from the published one an error")
     p.add_argument("--max-nan-fraction", type=float, default=0.0,
                    help="SeeTRUE only: largest fraction of NaN-scored items to exclude before failing (default 0)")
+    p.add_argument("--errors", help="error rows of unreadable images (default: errors.parquet beside --scores); "
+                   "their items are left out and counted, as in eval")
     p.add_argument("--scorer", choices=registry.names("scorers"), metavar="NAME",
                    help="the scorer that made the scores (sets the mmvp_reference softmax factor)")
     p.add_argument("--mmvp-logit-scale", type=float,

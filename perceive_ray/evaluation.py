@@ -300,6 +300,7 @@ def finish_benchmark(plan: EvaluationPlan, bench: BenchmarkPlan, describe: Mappi
                              label_errata=config.metrics.label_errata,
                              max_nan_fraction=config.metrics.max_nan_fraction, source=str(scores_path),
                              mmvp_logit_scale=registry.scorer(config.scorer.name).mmvp_logit_scale)
+    report.counts["items_excluded"] = len(bench.target) - len(whole)
     payload = report.to_dict() | {"items_scored": len(whole), "items_requested": len(bench.target),
                                   "items_excluded": len(bench.target) - len(whole),
                                   "items_in_benchmark": len(bench.manifest), "image_errors": errors.num_rows}
@@ -314,7 +315,8 @@ def finish_benchmark(plan: EvaluationPlan, bench: BenchmarkPlan, describe: Mappi
 def log_benchmark(tracker: Tracker, benchmark: str, result: BenchmarkResult) -> None:
     """Metrics as ``{benchmark}/{metric}`` and the benchmark's files under the artifact folder ``{benchmark}/``."""
     tracker.log_metrics({f"{benchmark}/{key}": value for key, value in result.report.metrics.items()}
-                        | {f"{benchmark}/image_errors": float(result.errors)})
+                        | {f"{benchmark}/image_errors": float(result.errors),
+                           f"{benchmark}/items_excluded": float(result.report.counts.get("items_excluded", 0))})
     for name in ("scores.parquet", "metrics.json", "errors.parquet"):
         path = result.scores_path.parent / name
         if path.is_file():

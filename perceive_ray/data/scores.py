@@ -39,7 +39,8 @@ def scores_table(item_ids, image_indices, text_indices, scores) -> pa.Table:
     )
 
 
-def read_scores(path: str | Path) -> pa.Table:
+def read_scores(path: str | Path, *, keep_extra: bool = False) -> pa.Table:
+    """A scores file, checked against the contract; ``keep_extra`` keeps the extra columns (score views, ...)."""
     path = Path(path)
     if not path.is_file():
         raise ScoresError(f"{path}: scores file not found")
@@ -47,7 +48,13 @@ def read_scores(path: str | Path) -> pa.Table:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ScoresError(f"{path}: not a readable Parquet file: {exc}") from exc
-    return validate_scores(table, source=str(path))
+    checked = validate_scores(table, source=str(path))
+    if not keep_extra:
+        return checked
+    extra = [name for name in table.column_names if name not in SCORE_COLUMNS]
+    for name in extra:
+        checked = checked.append_column(name, table.column(name))
+    return checked
 
 
 def validate_scores(table: pa.Table, *, source: str = "<scores>") -> pa.Table:

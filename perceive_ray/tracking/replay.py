@@ -55,6 +55,7 @@ def track_run_dir(run_dir: str | Path, *, uri: str | None = None, experiment: st
             report = json.loads(metrics_file.read_text())
             metrics = {f"{bench.name}/{key}": value for key, value in report["metrics"].items()}
             metrics[f"{bench.name}/image_errors"] = float(report.get("image_errors", 0))
+            metrics[f"{bench.name}/items_excluded"] = float(report.get("items_excluded", 0))
             tracker.log_metrics(metrics)
             for name in ARTIFACTS:
                 if (bench_dir / name).is_file():

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -82,6 +83,29 @@ def test_metrics_json_and_manifest(tmp_path, capsys):
     assert main(["data", "manifest", "--benchmark", "whatsup_controlled_a", "--data-root", str(root),
                  "--out", str(tmp_path / "m.parquet")]) == 0
     assert pq.read_table(tmp_path / "m.parquet").num_rows == 8
+
+
+def test_metrics_exclude_items_of_unreadable_images_like_eval(tmp_path, capsys):
+    """`perceive-ray metrics` on an evaluation's scores with errors.parquet beside them: complete items only, the
+    incomplete pair and set excluded and counted (the same rule as eval); without the errors file, exit 2."""
+    root = write_controlled(tmp_path / "whatsup", "a", [("mug", "plate"), ("cup", "box")])
+    manifest = whatsup.load_controlled_a(root)
+    victim = manifest.items[0].item_id
+    kept = manifest.restrict(item.item_id for item in manifest.items if item.item_id != victim)
+    run = tmp_path / "run" / "whatsup_controlled_a"
+    run.mkdir(parents=True)
+    pq.write_table(table_from(kept, true_wins), run / "scores.parquet")
+    pq.write_table(pa.table({"item_id": [victim], "image_index": [0], "error": ["x.jpeg: cannot decode image"]}),
+                   run / "errors.parquet")
+    args = ["metrics", "--benchmark", "whatsup_controlled_a", "--data-root", str(root), "--scores",
+            str(run / "scores.parquet"), "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    counts = report["counts"]
+    assert counts["items_excluded"] == 1 and counts["2way/individual_acc/total"] == 7
+    assert (counts["2way/set_acc/correct"], counts["2way/set_acc/total"], counts["2way/set_acc/excluded"]) == (1, 1, 1)
+    (run / "errors.parquet").unlink()
+    assert main(args) == 2 and "lack scores" in capsys.readouterr().err
 
 
 def test_metrics_exit_2_when_scores_do_not_cover(tmp_path):
