@@ -10,13 +10,11 @@ import shutil
 import time
 from pathlib import Path
 
-import ray
-
 from perceive_ray import registry
 from perceive_ray.config import load_config
 from perceive_ray.data.synthetic import generate
 from perceive_ray.evaluation import BenchmarkResult
-from perceive_ray.run.inference import init_ray, quiet_ray_data, run_eval
+from perceive_ray.run.inference import init_ray, quiet_ray_data, run_eval, shutdown_ray
 
 EXPERIMENTS = {
     "tiny CLIP (cosine)": ("clip_whatsup.yaml", "clip"),
@@ -55,7 +53,7 @@ def run_demo(workdir: Path, *, experiments_dir: Path, seed: int = 0, pairs: int 
             results[label] = run_eval(config, run_id=f"demo-{family}", track=True)
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
     print()
     print(format_demo_table(results))
     print(f"\n[demo] done in {time.perf_counter() - start:.0f} s. Both runs are in the MLflow store {uri}")

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -34,6 +35,63 @@ from perceive_ray.scoring.local import build_scorer, decode_rows, load_record, s
 DECODE_CPUS = 0.25  # per decode task; image decoding is light next to scoring
 
 
+# Watches the driver that started a local Ray; if the driver dies without shutting Ray down (SIGKILL, OOM kill),
+# it stops exactly the Ray processes that driver started (and their children), so nothing is left running.
+REAPER = """
+import os, signal, sys, time
+driver, started = int(sys.argv[1]), {int(p) for p in sys.argv[2:]}
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+def ppid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+def descendants(roots):
+    found, parents = set(roots), {int(p): ppid(int(p)) for p in os.listdir("/proc") if p.isdigit()}
+    grew = True
+    while grew:
+        new = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= new
+        grew = bool(new)
+    return found
+# Ray's daemons die with the driver on their own, but their children (workers, agents) are orphaned first:
+# keep a fresh list of everything below the daemons while the driver lives, and stop that list when it dies.
+targets = set(started)
+while alive(driver):
+    targets |= descendants(started | targets) - {os.getpid()}
+    time.sleep(0.5)
+for pid in targets:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            if b"ray" in handle.read():
+                os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+_reaper: subprocess.Popen | None = None
+
+
+def _start_reaper() -> None:
+    """Best effort: the local node's process list is Ray-internal; without it there is no reaper."""
+    global _reaper
+    try:
+        node = ray._private.worker._global_node
+        pids = [str(info.process.pid) for infos in node.all_processes.values() for info in infos if info.process]
+    except Exception:  # noqa: BLE001 (internal API moved: run without the reaper)
+        return
+    if pids and sys.platform.startswith("linux"):
+        _reaper = subprocess.Popen([sys.executable, "-c", REAPER, str(os.getpid()), *pids],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def init_ray(address: str | None) -> bool:
     """Connect to ``address`` / RAY_ADDRESS, else start a local instance. Returns whether we started it."""
     if ray.is_initialized():
@@ -43,7 +101,18 @@ def init_ray(address: str | None) -> bool:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        _start_reaper()
     return True
+
+
+def shutdown_ray() -> None:
+    """Shut down the Ray this driver started, and its reaper."""
+    global _reaper
+    ray.shutdown()
+    if _reaper is not None:
+        _reaper.kill()
+        _reaper.wait()
+        _reaper = None
 
 
 def actor_resources(resources: ResourcesConfig, cluster_cpus: float) -> tuple[float, int]:
@@ -217,7 +286,7 @@ class RayDataExecutor:
                 ray.kill(self.ledger)
                 self.ledger = None
             if started:
-                ray.shutdown()
+                shutdown_ray()
 
     def describe(self) -> dict[str, Any]:
         entries = self._ledger_entries()

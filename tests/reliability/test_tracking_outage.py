@@ -147,3 +147,40 @@ def test_credentials_in_the_tracking_uri_are_never_printed_or_recorded(workdir, 
     for path in (workdir / "runs" / "secret").rglob("*"):
         if path.is_file() and path.suffix in (".yaml", ".json"):
             assert "s3cr3t" not in path.read_text(), path
+
+
+def session_processes(sid: int) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "sid=,stat=,args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.split()[0] == str(sid) and "Z" not in line.split()[1]]
+
+
+def test_driver_killed_mid_benchmark_leaves_no_ray_processes_and_resumes_exactly(workdir):
+    """PERCEIVE_RAY_FAULT=block:3 SIGKILLs the eval driver after its third block: the local Ray it started must not
+    outlive it (the reaper), and a resume with the same run id equals an uninterrupted run row for row."""
+    uri = f"sqlite:///{workdir / 'unused.db'}"
+    args = ["eval", str(EXPERIMENT), "--no-track", *overrides(workdir, uri, "scorer.batch_size=2")]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "RAY_DISABLE_USAGE_STATS": "1"}
+    killed = subprocess.Popen([sys.executable, "-m", "perceive_ray", *args, "--run-id", "fault_block3"], cwd=REPO,
+                              env=env | {"PERCEIVE_RAY_FAULT": "block:3"}, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert killed.wait(timeout=300) == -signal.SIGKILL
+    deadline = time.monotonic() + 20
+    while session_processes(killed.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert session_processes(killed.pid) == [], "processes of the killed run outlived it"
+    done = subprocess.run([sys.executable, "-m", "perceive_ray", *args, "--run-id", "fault_block3"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "image rows already scored" in done.stderr
+    # The uninterrupted reference, in process (same rows; another batch composition moves fp32 sums by ~1e-7).
+    run_evaluation(load_config(EXPERIMENT, overrides(workdir, uri, "scorer.batch_size=2")), LocalExecutor(),
+                   run_id="fault_fresh", track=False)
+    import pyarrow.parquet as pq
+
+    for bench in ("whatsup_controlled_a", "whatsup_controlled_b"):
+        resumed, fresh = (pq.read_table(workdir / "runs" / run_id / bench / "scores.parquet")
+                          .select(["item_id", "image_index", "text_index", "score"]).to_pylist()
+                          for run_id in ("fault_block3", "fault_fresh"))
+        key = lambda r: (r["item_id"], r["image_index"], r["text_index"])  # noqa: E731
+        assert [key(r) for r in resumed] == [key(r) for r in fresh] and len({key(r) for r in resumed}) == len(resumed)
+        assert max(abs(a["score"] - b["score"]) for a, b in zip(resumed, fresh, strict=True)) < 1e-5
