@@ -314,9 +314,11 @@ def finish_benchmark(plan: EvaluationPlan, bench: BenchmarkPlan, describe: Mappi
 
 def log_benchmark(tracker: Tracker, benchmark: str, result: BenchmarkResult) -> None:
     """Metrics as ``{benchmark}/{metric}`` and the benchmark's files under the artifact folder ``{benchmark}/``."""
-    tracker.log_metrics({f"{benchmark}/{key}": value for key, value in result.report.metrics.items()}
+    counts = result.report.counts
+    excluded = {f"{benchmark}/{key}": float(n) for key, n in counts.items() if key.endswith("/excluded")}
+    tracker.log_metrics({f"{benchmark}/{key}": value for key, value in result.report.metrics.items()} | excluded
                         | {f"{benchmark}/image_errors": float(result.errors),
-                           f"{benchmark}/items_excluded": float(result.report.counts.get("items_excluded", 0))})
+                           f"{benchmark}/items_excluded": float(counts.get("items_excluded", 0))})
     for name in ("scores.parquet", "metrics.json", "errors.parquet"):
         path = result.scores_path.parent / name
         if path.is_file():

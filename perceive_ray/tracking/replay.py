@@ -56,6 +56,8 @@ def track_run_dir(run_dir: str | Path, *, uri: str | None = None, experiment: st
             metrics = {f"{bench.name}/{key}": value for key, value in report["metrics"].items()}
             metrics[f"{bench.name}/image_errors"] = float(report.get("image_errors", 0))
             metrics[f"{bench.name}/items_excluded"] = float(report.get("items_excluded", 0))
+            metrics |= {f"{bench.name}/{key}": float(n) for key, n in report["counts"].items()
+                        if key.endswith("/excluded")}
             tracker.log_metrics(metrics)
             for name in ARTIFACTS:
                 if (bench_dir / name).is_file():
