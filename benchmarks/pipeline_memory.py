@@ -8,19 +8,27 @@ What it measures
 
 How
     The parent process writes the two dataset roots (the writers of ``prefix_tokens.py``; sizes beyond the published
-    2,247 items are accepted by the adapter with a size warning) and a random-init open_clip model (the
-    ``pipeline_throughput.py`` writer, smaller by default), then runs each size in a FRESH child process
+    2,247 items are accepted by the adapter with a size warning) and a random-init open_clip model (the library's
+    sized builder via ``harness.py``), then runs each size in a FRESH child process
     (``--child``: ``ray.init(address="local")`` + ``run_eval`` + ``ray.shutdown``) so that neither run inherits
     the other's heap or warm workers. While the child runs, the parent samples the child's whole process tree
     (``psutil.Process(child).children(recursive=True)``: Ray's processes started by that child only, never another
     Ray on the machine) every ``--interval`` seconds and records the summed RSS and the summed PSS (proportional set
     size: shared pages -- torch libraries, the plasma store's shared memory -- divided among the processes that map
-    them, so it does not double count). The child marks its phases in a file, so the idle footprint after
+    them, so it does not double count). A process whose command line equals its parent's is a fork that has not
+    exec'd yet (``subprocess`` from the driver, e.g. ``git rev-parse`` for the run record): its RSS is the parent's
+    copy-on-write pages, so it is left out of the sums and counted in the ``forks`` column. The child marks its
+    phases in a file, so the idle footprint after
     ``ray.init`` (baseline) is reported apart from the peak during ``run_eval``.
 
+    Ray placement is the repository default (``ray.init`` with the host's CPUs; actor CPUs and torch threads
+    automatic; ``resources.object_store_mb`` default) unless ``--ray-cpus`` / ``--actor-cpus`` /
+    ``--object-store-mb`` say otherwise.
+
 Output: per size the peak summed RSS and PSS, the baseline, the increment over the baseline, and the largest
-processes at the peak; as the LAST line ``growth=X`` = peak summed RSS at 10N / peak summed RSS at N (the PSS ratio is
-printed on the line before). ``--quick``: N = 40. Usage::
+processes at the peak; as the LAST line ``growth=X growth_over_baseline=Y``: X = peak summed RSS at 10N / at N; Y =
+(peak - idle Ray baseline) at 10N / (peak - baseline) at N, i.e. the growth of what the evaluation itself adds (the
+PSS ratio is printed on the line before). ``--quick``: N = 40. Usage::
 
     .venv/bin/python benchmarks/pipeline_memory.py [--quick] [--n 300] [--json out.json]
 """
@@ -41,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline_throughput import (  # noqa: E402
+from harness import (  # noqa: E402
     MODEL_DEFAULTS,
     add_model_args,
     describe_model,
@@ -114,7 +122,7 @@ def sample_tree(child: subprocess.Popen, phase_file: Path, interval: float, pss:
     at_peak: list[tuple[str, int, int]] = []
     split_at_peak = {"anon": 0, "file": 0, "shmem": 0}
     role_peak: dict[str, int] = {}  # per role, the largest summed RSS seen in one sample
-    max_procs = samples = 0
+    max_procs = samples = forks_skipped = 0
     while child.poll() is None:
         phase = phase_file.read_text().strip() if phase_file.exists() else "start"
         try:
@@ -122,8 +130,22 @@ def sample_tree(child: subprocess.Popen, phase_file: Path, interval: float, pss:
         except psutil.Error:
             break
         rows = []
+        cmdlines: dict[int, list[str]] = {}
         for proc in procs:
             try:
+                cmdlines[proc.pid] = proc.cmdline()
+            except psutil.Error:
+                continue
+        for proc in procs:
+            cmd = cmdlines.get(proc.pid)
+            if cmd is None:  # exited while we looked
+                continue
+            try:
+                if proc.pid != child.pid and cmd == cmdlines.get(proc.ppid()):
+                    # A fork that has not exec'd yet (subprocess.run from the driver, a Ray worker spawning a
+                    # helper): its RSS is its parent's pages, shared copy-on-write; summing it would count them twice.
+                    forks_skipped += 1
+                    continue
                 if pss:
                     info = proc.memory_full_info()
                     rows.append((proc, info.rss, info.pss))
@@ -151,6 +173,7 @@ def sample_tree(child: subprocess.Popen, phase_file: Path, interval: float, pss:
     at_peak.sort(key=lambda r: -r[1])
     return {"peak_rss": peak["rss"], "peak_pss": peak["pss"], "baseline_rss": baseline["rss"],
             "baseline_pss": baseline["pss"], "samples": samples, "max_processes": max_procs,
+            "forks_skipped": forks_skipped,
             "at_peak": [{"role": role, "rss_mb": round(r / MB, 1), "pss_mb": round(s / MB, 1)}
                         for role, r, s in at_peak],
             "split_at_peak_mb": {k: round(v / MB, 1) for k, v in split_at_peak.items()},
@@ -201,12 +224,7 @@ def run_child(args: argparse.Namespace) -> int:
     time.sleep(args.settle)
     config = experiment(data=Path(args.data), benchmarks=[args.benchmark], model_dir=Path(args.model_dir),
                         out=Path(args.out), batch_size=args.batch_size, actor_cpus=args.actor_cpus, seed=args.seed,
-                        scorer=args.scorer)
-    if args.data_object_store_mb:  # an experiment, not the library default: cap Ray Data's object-store budget
-        from ray.data import DataContext, ExecutionResources
-
-        DataContext.get_current().execution_options.resource_limits = ExecutionResources(
-            object_store_memory=args.data_object_store_mb * MB)
+                        scorer=args.scorer, object_store_mb=args.object_store_mb)
     phase.write_text("eval")
     plasma = PlasmaPoller(args.interval * 2.5)
     start = time.perf_counter()
@@ -231,15 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factor", type=int, default=10, help="the large run has factor x N items")
     parser.add_argument("--subset", default="coco_one", choices=SUBSETS, help="What'sUp shape of the items")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="num_cpus of the scorer actor")
-    parser.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default threads+1)")
+    parser.add_argument("--ray-cpus", type=int, default=None,
+                        help="logical CPUs of the local Ray (default: ray.init's, the host's cores)")
+    parser.add_argument("--actor-cpus", type=float, default=None,
+                        help="num_cpus of the scorer actor (default: the repository's automatic share)")
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between samples")
     parser.add_argument("--no-pss", action="store_true", help="sample RSS only (cheaper)")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds idle after ray.init (baseline window)")
     parser.add_argument("--image-px", default="640x480")
-    parser.add_argument("--data-object-store-mb", type=int, default=None,
-                        help="experiment: cap Ray Data's object-store budget (execution_options.resource_limits) "
-                             "in the child; default: Ray Data's own, as run_eval uses it")
+    parser.add_argument("--object-store-mb", type=int, default=None,
+                        help="resources.object_store_mb of the evaluation (Ray Data's object-store budget); "
+                             "default: the repository default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -248,10 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name in ("--data", "--benchmark", "--model-dir", "--out", "--phase-file", "--result"):
         parser.add_argument(name, help=argparse.SUPPRESS)
-    parser.add_argument("--actor-cpus", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--scorer", default="clip", choices=("clip", "vqascore"), help="scorer of the model")
     args = parser.parse_args(argv)
-    args.ray_cpus = args.ray_cpus or args.threads + 1
-    args.actor_cpus = args.actor_cpus or float(args.threads)
     if args.child:
         return run_child(args)
 
@@ -262,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="memory_") as tmp:
         work = args.workdir or Path(tmp)
-        sizes_model = resolve_model_args(args)
+        sizes_model = resolve_model_args(args, args.scorer)
         model_dir = save_model(work / f"{args.scorer}_model", args.scorer, sizes_model, seed=args.seed)
         for items in (n, n * args.factor):
             data = write_whatsup(work / f"data_{items}", seed=args.seed, subsets=(args.subset,),
@@ -271,11 +289,12 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--data", str(data),
                    "--benchmark", BENCHMARK[args.subset], "--model-dir", str(model_dir),
                    "--out", str(work / f"runs_{items}"), "--phase-file", str(phase), "--result", str(result),
-                   "--batch-size", str(args.batch_size), "--ray-cpus", str(args.ray_cpus),
-                   "--actor-cpus", str(args.actor_cpus), "--settle", str(args.settle), "--seed", str(args.seed),
+                   "--batch-size", str(args.batch_size), "--settle", str(args.settle), "--seed", str(args.seed),
                    "--scorer", args.scorer]
-            if args.data_object_store_mb:
-                cmd += ["--data-object-store-mb", str(args.data_object_store_mb)]
+            for flag, value in (("--ray-cpus", args.ray_cpus), ("--actor-cpus", args.actor_cpus),
+                                ("--object-store-mb", args.object_store_mb)):
+                if value is not None:
+                    cmd += [flag, str(value)]
             log = work / f"child_{items}.log"
             print(f"running {items} items (log {log}) ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
@@ -291,16 +310,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"Peak memory of run_eval (driver + its local Ray's processes), {describe_model(args.scorer, sizes_model)}, "
           f"{args.subset} shape, {image_px[0]}x{image_px[1]} JPEGs, batch {args.batch_size}, "
-          f"Ray CPUs {args.ray_cpus} (actor {args.actor_cpus:g}), sample every {args.interval:g} s, Ray Data "
-          f"object-store budget {f'{args.data_object_store_mb} MB' if args.data_object_store_mb else 'default'}; "
+          f"Ray CPUs {args.ray_cpus or 'default'} (actor {args.actor_cpus or 'auto'}), sample every "
+          f"{args.interval:g} s, resources.object_store_mb "
+          f"{args.object_store_mb if args.object_store_mb else 'default'}; "
           f"{stamp:%Y-%m-%d %H:%M} UTC; host {os.cpu_count()} cores")
     print(f"{'items':>7}{'run_eval s':>11}{'peak RSS MB':>13}{'peak PSS MB':>13}{'base RSS':>10}{'base PSS':>10}"
-          f"{'+RSS':>8}{'+PSS':>8}{'plasma MB':>11}{'procs':>7}{'samples':>9}")
+          f"{'+RSS':>8}{'+PSS':>8}{'plasma MB':>11}{'procs':>7}{'samples':>9}{'forks':>7}")
     for items, r in results.items():
         print(f"{items:>7}{r['run_eval_s']:>11.1f}{r['peak_rss'] / MB:>13.0f}{r['peak_pss'] / MB:>13.0f}"
               f"{r['baseline_rss'] / MB:>10.0f}{r['baseline_pss'] / MB:>10.0f}"
               f"{(r['peak_rss'] - r['baseline_rss']) / MB:>8.0f}{(r['peak_pss'] - r['baseline_pss']) / MB:>8.0f}"
-              f"{r['plasma_peak_mb']:>11}{r['max_processes']:>7}{r['samples']:>9}")
+              f"{r['plasma_peak_mb']:>11}{r['max_processes']:>7}{r['samples']:>9}{r['forks_skipped']:>7}")
     for items, r in results.items():
         top = ", ".join(f"{p['role']} {p['rss_mb']:.0f}/{p['pss_mb']:.0f}" for p in r["at_peak"][:5])
         print(f"  {items} items: largest processes at the peak, RSS/PSS MB: {top}")
@@ -315,8 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "date": stamp.isoformat(),
                                          "results": {str(k): v for k, v in results.items()}}, indent=2))
     driver = large["role_peak_rss_mb"].get("driver", 0) / max(small["role_peak_rss_mb"].get("driver", 0), 1e-9)
-    print(f"pss_growth={pss_growth:.3f} driver_rss_growth={driver:.3f}")
-    print(f"growth={large['peak_rss'] / small['peak_rss']:.3f}")
+    over = ((large["peak_rss"] - large["baseline_rss"]) / (small["peak_rss"] - small["baseline_rss"])
+            if small["peak_rss"] > small["baseline_rss"] else float("nan"))
+    over_pss = ((large["peak_pss"] - large["baseline_pss"]) / (small["peak_pss"] - small["baseline_pss"])
+                if small["peak_pss"] > small["baseline_pss"] else float("nan"))
+    print(f"pss_growth={pss_growth:.3f} pss_growth_over_baseline={over_pss:.3f} driver_rss_growth={driver:.3f}")
+    print(f"growth={large['peak_rss'] / small['peak_rss']:.3f} growth_over_baseline={over:.3f}")
     return 0
 
 

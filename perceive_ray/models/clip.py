@@ -238,41 +238,23 @@ def _embed_dim(clip: torch.nn.Module, model_cfg: dict[str, Any] | None) -> int:
     raise ValueError("cannot determine the CLIP embedding size")
 
 
+# The tests' tiny CLIP: ViT width 64, 2 layers, 32-wide heads, patch 8; text width 32, 2 heads, 2 layers.
+TINY_CLIP_SIZES = {"patch_size": 8, "width": 64, "layers": 2, "head_width": 32, "text_width": 32, "text_layers": 2,
+                   "text_heads": 2}
+
+
 def tiny_clip_config(*, image_size: int = 32, embed_dim: int = 32) -> dict[str, Any]:
     """A random-init-sized CLIP config (ViT width 64, 2 layers, patch 8; text width 32, 2 layers, context 77).
 
     It keeps the real vocabulary (49,408 tokens of open_clip's bundled BPE) so the real tokenizer drives it.
     """
-    return {
-        "embed_dim": embed_dim,
-        "quick_gelu": True,  # like the OpenAI checkpoints the paper uses
-        "vision_cfg": {"image_size": image_size, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-    }
+    from perceive_ray.models.tiny import clip_model_config
+
+    return clip_model_config(image_size=image_size, embed_dim=embed_dim, **TINY_CLIP_SIZES)
 
 
 def save_tiny_clip(path: str | Path, *, seed: int = 0, image_size: int = 32) -> Path:
     """Write a random-init tiny CLIP as an open_clip local directory (config + safetensors) and return it."""
-    import open_clip
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    from safetensors.torch import save_file
+    from perceive_ray.models.tiny import save_clip
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model_cfg = tiny_clip_config(image_size=image_size)
-    with torch.random.fork_rng(devices=[]):  # open_clip initialises from the global RNG; keep callers' state
-        torch.manual_seed(seed)
-        clip = open_clip.CLIP(**model_cfg)
-    config = {
-        "model_cfg": model_cfg,
-        "preprocess_cfg": {
-            "mean": list(OPENAI_DATASET_MEAN),
-            "std": list(OPENAI_DATASET_STD),
-            "interpolation": "bicubic",
-            "resize_mode": "shortest",
-        },
-    }
-    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    state = {key: value.detach().contiguous() for key, value in clip.state_dict().items()}
-    save_file(state, str(path / WEIGHTS_FILE))
-    return path
+    return save_clip(path, seed=seed, image_size=image_size, embed_dim=32, **TINY_CLIP_SIZES)
