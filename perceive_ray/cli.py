@@ -241,6 +241,20 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The arguments eval and score share (one evaluation core, two executors)."""
+    p.add_argument("experiment", help="experiment YAML")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. scorer.batch_size=8 benchmarks.0.root=DIR")
+    p.add_argument("--smoke", action="store_true",
+                   help="apply the experiment's smoke block (tiny model, CPU); prepares missing synthetic data and "
+                   "tiny models")
+    p.add_argument("--run-id", help="run directory name under output_dir (default: the experiment name)")
+    p.add_argument("--on-error", choices=("record", "fail"), default=None,
+                   help="unreadable images: error rows or stop the run (default: the config's on_error)")
+    p.add_argument("--no-track", action="store_true",
+                   help="do not log to MLflow (default: tracking.uri, else MLFLOW_TRACKING_URI, else ./mlflow.db)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perceive-ray",
@@ -347,16 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
         "scored and refuses a changed model, scorer, dataset, weights or seed. One MLflow run per evaluation. "
         "Without --address / RAY_ADDRESS a local Ray instance is started. Same results, files and resume as score.",
     )
-    p.add_argument("experiment", help="experiment YAML")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. resources.num_actors=4")
-    p.add_argument("--smoke", action="store_true",
-                   help="apply the experiment's smoke block (tiny model, CPU); prepares missing synthetic data and "
-                   "tiny models")
-    p.add_argument("--run-id", help="run directory name under output_dir (default: the experiment name)")
+    add_run_args(p)
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local instance)")
-    p.add_argument("--on-error", choices=("record", "fail"), default=None,
-                   help="unreadable images: error rows or stop the run (default: the config's on_error)")
-    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -365,17 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
         "this process instead of a Ray actor pool: loads the model once, scores every benchmark, writes "
         "<run dir>/<benchmark>/scores.parquet and metrics.json. Every input is checked before the model loads.",
     )
-    p.add_argument("experiment", help="experiment YAML")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. scorer.batch_size=8 benchmarks.0.root=DIR")
-    p.add_argument("--smoke", action="store_true",
-                   help="apply the experiment's smoke block (tiny model, CPU); prepares missing synthetic data and "
-                   "tiny models")
-    p.add_argument("--run-id", help="run directory name under output_dir (default: the experiment name)")
+    add_run_args(p)
     p.add_argument("--out", help="run directory (default: <output_dir>/<run id>)")
-    p.add_argument("--on-error", choices=("record", "fail"), default=None,
-                   help="unreadable images: error rows or stop the run (default: the config's on_error)")
-    p.add_argument("--no-track", action="store_true",
-                   help="do not log to MLflow (default: tracking.uri, else MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser(
