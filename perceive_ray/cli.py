@@ -54,14 +54,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for path in args.files:
         try:
             config = validate_file(path, args.overrides, smoke=True if args.smoke else None)
-            if not args.schema_only:
+            if not args.schema_only and config.kind == "train":
+                _check_train_files(config, smoke=args.smoke)
+            elif not args.schema_only:
                 _check_files(config, smoke=args.smoke)
         except (ConfigError, ManifestError) as exc:
             failed += 1
             print(str(exc), file=sys.stderr)
         else:
             mode = " (smoke)" if args.smoke else ""
-            print(f"ok  {path}{mode}  ({config.name}: {', '.join(b.name for b in config.benchmarks)})")
+            what = f"train job {config.job}" if config.kind == "train" else ", ".join(b.name for b in config.benchmarks)
+            print(f"ok  {path}{mode}  ({config.name}: {what})")
     return EXIT_BAD_INPUT if failed else 0
 
 
@@ -74,6 +77,24 @@ def _check_files(config, *, smoke: bool) -> None:
     check_inputs(config, skip=skip)
     if skip:
         print(f"    --smoke prepares {', '.join(skip)} when missing", file=sys.stderr)
+
+
+def _check_train_files(config, *, smoke: bool) -> None:
+    """A training experiment's files: model source and data sources (what --smoke prepares is skipped)."""
+    from perceive_ray.smoke import preparable
+
+    skip = [Path(p) for p in (preparable(config) if smoke else [])]
+
+    def skipped(path: Path) -> bool:
+        return any(path == s or s in path.parents for s in skip)
+
+    for index, source in enumerate(config.data.sources):
+        for key, path in (("path", source.path), ("image_root", source.image_root)):
+            if not skipped(Path(path)) and not Path(path).exists():
+                raise CliError(f"data.sources.{index}.{key}: {path} does not exist")
+    source = Path(config.model.source)
+    if not skipped(source) and (source.is_absolute() or "/" in config.model.source) and not source.exists():
+        raise CliError(f"model.source: {source} does not exist")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -141,6 +162,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     quiet_ray_data()
     try:
         run_eval(config, run_id=args.run_id, address=args.address, track=not args.no_track, on_error=args.on_error)
+    except _run_errors() as exc:
+        raise CliError(str(exc)) from exc
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from perceive_ray.config import ConfigError
+
+    config = _load_for_run(args)
+    if config.kind != "train":
+        raise ConfigError(f"{args.experiment}: kind: {config.kind!r}; perceive-ray train runs kind: train "
+                          "experiments (use eval for evaluations)")
+    from perceive_ray.run.inference import quiet_ray_data
+    from perceive_ray.run.training import run_train
+
+    quiet_ray_data()
+    try:
+        run_train(config, run_id=args.run_id, address=args.address, track=not args.no_track)
     except _run_errors() as exc:
         raise CliError(str(exc)) from exc
     return 0
@@ -364,6 +403,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(p)
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local instance)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "train", help="train a model on Ray Train + DeepSpeed (CLIP fine-tuning, PACL/SPARC heads); resumable",
+        description="Run a training experiment (kind: train) on Ray Train + DeepSpeed: every input (config keys, "
+        "data rows, images, model source) is checked before any worker starts; images stream through Ray Data CPU "
+        "tasks; every rank checkpoints to <output_dir>/train/<run id>/ray; re-running the same --run-id resumes "
+        "from the newest checkpoint (same data order); the finished model is exported to <run id>/export, which an "
+        "eval experiment names as train:<run id>. Rank 0 logs the loss curve to MLflow.",
+    )
+    p.add_argument("experiment", help="training experiment YAML (kind: train)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.optim.lr=1e-5 train.clip.lock_image=false")
+    p.add_argument("--smoke", action="store_true", help="apply the experiment's smoke block (tiny model, synthetic "
+                   "data, CPU); prepares missing synthetic data and tiny models")
+    p.add_argument("--run-id", help="run directory name under <output_dir>/train (default: <name>-<timestamp>); "
+                   "an existing one resumes")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local instance)")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
         "score", help="score an experiment's benchmarks in one process (the reference path, no Ray)",

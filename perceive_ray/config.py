@@ -146,6 +146,8 @@ class ExperimentConfig(StrictModel):
 EvalConfig = ExperimentConfig
 # Root schemas by ``kind:`` (training and sweep experiments register theirs here): one loader for all of them.
 SCHEMAS: dict[str, type[StrictModel]] = {"eval": ExperimentConfig}
+# Schemas in their own modules, imported when first named (they import this module).
+LAZY_SCHEMAS: dict[str, str] = {"train": "perceive_ray.training_config:TrainExperimentConfig"}
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -244,6 +246,11 @@ def validate(data: Mapping[str, Any], *, source: str, schema: type[StrictModel] 
     registry: scorer options against the scorer's own typed model (defaults filled), accepted model families,
     tie policies per benchmark. Relative paths stay relative to the working directory."""
     schema = schema or _schema_for(data, source)
+    if schema is ExperimentConfig:
+        from perceive_ray.training import resolve_train_refs
+
+        # ``train:<run id>`` names a finished training run's export (model.source, scorer weight options).
+        data = resolve_train_refs(copy.deepcopy(dict(data)), data.get("output_dir") or "runs")
     try:
         config = schema.model_validate(dict(data))
     except ValidationError as exc:
@@ -255,8 +262,10 @@ def validate(data: Mapping[str, Any], *, source: str, schema: type[StrictModel] 
 
 def _schema_for(data: Mapping[str, Any], source: str) -> type[StrictModel]:
     kind = data.get("kind", "eval")
+    if kind in LAZY_SCHEMAS and kind not in SCHEMAS:
+        SCHEMAS[kind] = registry.load_target(LAZY_SCHEMAS[kind])
     if kind not in SCHEMAS:
-        raise ConfigError(f"{source}: kind: {kind!r} is not one of {', '.join(SCHEMAS)}")
+        raise ConfigError(f"{source}: kind: {kind!r} is not one of {', '.join([*SCHEMAS, *LAZY_SCHEMAS])}")
     return SCHEMAS[kind]
 
 
@@ -336,7 +345,7 @@ def validate_file(path: str | Path, overrides: Overrides = (), *, smoke: bool | 
 
 def config_record(config: BaseModel) -> dict[str, Any]:
     """The resolved config as plain data for records, params and config.yaml, credentials in URIs redacted."""
-    data = config.model_dump(mode="json")
+    data = config.model_dump(mode="json", by_alias=True)
     tracking = data.get("tracking")
     if isinstance(tracking, dict) and tracking.get("uri"):
         tracking["uri"] = redact_uri(tracking["uri"])

@@ -1,4 +1,4 @@
-"""Name -> entry registry, resolved lazily: benchmarks, scorers, model families and tiny models.
+"""Name -> entry registry, resolved lazily: benchmarks, scorers, model families, training jobs and tiny models.
 
 Config files name things by these keys, never by import path. An entry holds "module:attr" strings and plain facts;
 nothing is imported until ``resolve``/``load_target`` is called, so listing and validating names is cheap and has no
@@ -59,6 +59,13 @@ class ModelEntry:
 
     target: str
     remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class JobEntry:
+    """A training job: ``build_job(config, context) -> Job`` (pure setup + ``forward_loss`` + export, no Ray)."""
+
+    target: str
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,12 @@ _ENTRIES: dict[str, dict[str, Any]] = {
         "vlm2vec": ModelEntry("perceive_ray.models.vlm2vec:load_vlm2vec"),
         # LLM2CLIP ships its vision model as hub code: the only family that may set trust_remote_code.
         "llm2clip": ModelEntry("perceive_ray.models.llm2clip:load_llm2clip", remote_code=True),
+    },
+    "jobs": {
+        # CLIP / SigLIP / EVA-CLIP fine-tuning on LLaVA-1.5 data, +- NegCLIP left/right negatives (PROTOCOLS §5.1)
+        "clip_finetune": JobEntry("perceive_ray.train.jobs.clip_finetune:build_job"),
+        # PACL / PACL+RoPE / SPARC(+RoPE) / LLM-text PACL heads on a frozen encoder (PROTOCOLS §5.2-5.5)
+        "heads": JobEntry("perceive_ray.train.jobs.heads:build_job"),
     },
     "tiny": {
         "clip": TinyEntry("perceive_ray.models.clip:save_tiny_clip"),

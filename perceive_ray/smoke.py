@@ -36,11 +36,17 @@ def tiny_name(value: str | Path | None) -> str | None:
 
 
 def smoke_paths(config: ExperimentConfig) -> dict[str, list[str]]:
-    """What ``prepare_smoke`` would create for ``config``: {"synth": [roots], "tiny": [names]}."""
-    synth = sorted({str(b.root) for b in config.benchmarks if _relative_parts(b.root)[:1] == (SYNTH_DIR,)})
+    """What ``prepare_smoke`` would create for ``config`` (eval or train): {"synth": [roots], "tiny": [names]}."""
     values = [config.model.source, config.model.pretrained]
-    options = registry.resolve_options(config.scorer.name)
-    values += [config.scorer.options.get(name) for name in options.weight_fields]
+    if getattr(config, "kind", "eval") == "train":
+        roots = [p for s in config.data.sources for p in (s.path, s.image_root)]
+        if config.data.text_embeddings is not None:
+            values.append(config.data.text_embeddings)
+    else:
+        roots = [b.root for b in config.benchmarks]
+        options = registry.resolve_options(config.scorer.name)
+        values += [config.scorer.options.get(name) for name in options.weight_fields]
+    synth = sorted({str(root) for root in roots if _relative_parts(root)[:1] == (SYNTH_DIR,)})
     tiny = sorted({name for name in map(tiny_name, values) if name})
     return {"synth": synth, "tiny": tiny}
 

@@ -92,15 +92,17 @@ def _start_reaper() -> None:
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def init_ray(address: str | None) -> bool:
-    """Connect to ``address`` / RAY_ADDRESS, else start a local instance. Returns whether we started it."""
+def init_ray(address: str | None, *, log_to_driver: bool = False) -> bool:
+    """Connect to ``address`` / RAY_ADDRESS, else start a local instance. Returns whether we started it.
+
+    ``log_to_driver``: show the workers' output on this console (training progress is printed by rank 0)."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver)
         _start_reaper()
     return True
 

@@ -1,0 +1,413 @@
+"""Training on Ray Train + DeepSpeed: per-rank Ray Data pipelines, the one ``train_fn_per_worker``, the trainer.
+
+Data. Every rank reads its own Ray Data dataset (``datasets={"rank0": ..., "rank1": ...}``, not split), whose rows
+are this rank's slots of every remaining step in order: row -> (step, slot) -> the sample the counter-based epoch
+order puts there (``data/llava_data.py::rank_rows``, independent of worker count and timing). Images are decoded in
+CPU tasks (``map_batches``, fractional CPUs) with the seeded train transform, so 1.2M images stream through the
+object store and never sit in a worker's memory. The datasets are callables: Ray Train calls them each time the
+worker group starts, and they begin at the step of the newest registered checkpoint, so a restarted group neither
+re-decodes finished steps nor sees a different order (the worker still checks every row's step).
+
+Worker. Seeds identically, builds the job, ``deepspeed.initialize`` (DeepSpeed reuses Ray's process group), resumes
+from ``ray.train.get_checkpoint()`` (step, config hash and data position in ``client_state``), then per step: the
+learning rate from open_clip's schedule, GradCache chunks (``train/gradcache.py``), the job's post-step hook
+(``logit_scale`` clamp), progress, MLflow on rank 0, and every ``train.checkpoint.every_steps`` a checkpoint that
+EVERY rank saves (frozen parameters excluded) and reports; the last one carries rank 0's export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from perceive_ray import registry
+from perceive_ray.config import ConfigError
+from perceive_ray.training import (
+    DEEPSPEED_FILE,
+    EXPORT_DIR,
+    SAMPLES_FILE,
+    STORAGE_NAME,
+    PreparedRun,
+    TrainPlan,
+    absolute_paths,
+    config_hash,
+    copy_export,
+    latest_checkpoint_step,
+    prepare_training,
+    write_result,
+)
+from perceive_ray.training_config import TrainExperimentConfig
+
+FAULT_ENV = "PERCEIVE_RAY_FAULT"  # "train_worker:<step>": the last rank dies once at that step (tests)
+CLIENT_STATE = "perceive_ray"
+LOG_FILE = "train_log.jsonl"  # rank 0's logged metrics, one JSON line per logged step (run directory)
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+
+def decode_rows(batch: dict[str, np.ndarray], *, run_dir: str, plan: dict[str, int], rank: int, start: int,
+                seed: int, spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Row ids of rank ``rank`` -> (step, slot, sample key, caption, negative, pixels, ok): one CPU task."""
+    from perceive_ray.data import llava_data
+
+    local = plan["local_rows"]
+    ids = np.asarray(batch["id"], dtype=np.int64)
+    steps = start + ids // local
+    slots = ids % local
+    table = llava_data.open_sample_table(Path(run_dir) / SAMPLES_FILE)
+    indices = np.empty(len(ids), dtype=np.int64)
+    epochs = steps // plan["steps_per_epoch"]
+    for step in np.unique(steps):
+        epoch = int(step // plan["steps_per_epoch"])
+        rows = llava_data.rank_rows(plan["num_samples"], seed=seed, epoch=epoch,
+                                    step=int(step % plan["steps_per_epoch"]), global_batch=plan["global_batch"],
+                                    world_size=plan["world_size"], rank=rank)
+        mask = steps == step
+        indices[mask] = rows[slots[mask]]
+    samples = llava_data.take_samples(table, indices)
+    captions, negatives = [], []
+    chunker = llava_data.load_spacy_chunker(spec["noun_chunker"]) if spec["pacl_augment"] else None
+    for sample, epoch in zip(samples, epochs, strict=True):
+        caption = llava_data.draw_caption(sample["gpt_turns"], seed=seed, epoch=int(epoch), key=sample["key"],
+                                          mode=spec["caption_turn"])
+        if chunker is not None:
+            caption = llava_data.augment_pacl_caption(caption, seed=seed, epoch=int(epoch), key=sample["key"],
+                                                      chunker=chunker)
+        captions.append(caption)
+        negative = llava_data.make_hard_negative(caption) if spec["hard_negatives"] == "leftright" else None
+        negatives.append(negative or "")
+    transform = spec["transform"]
+    size = tuple(transform["size"])
+    pixels = np.zeros((len(samples), 3, *size), dtype=np.float32)
+    ok = np.zeros(len(samples), dtype=bool)
+    for epoch in np.unique(epochs):  # a batch may straddle two epochs; each image is keyed by its own
+        mask = epochs == epoch
+        chosen = [s for s, m in zip(samples, mask, strict=True) if m]
+        pixels[mask], ok[mask] = llava_data.decode_train_images(
+            [s["image"] for s in chosen], keys=[s["key"] for s in chosen], seed=seed, epoch=int(epoch),
+            transform=transform["kind"], image_size=size, mean=transform["mean"], std=transform["std"])
+    return {"step": steps, "slot": slots, "key": np.array([s["key"] for s in samples], dtype=object),
+            "caption": np.array(captions, dtype=object), "negative": np.array(negatives, dtype=object),
+            "pixels": pixels, "ok": ok}
+
+
+class RankDataset:
+    """Ray Train calls this at every worker-group start: rank ``rank``'s rows from the last checkpointed step."""
+
+    def __init__(self, prepared: PreparedRun, rank: int) -> None:
+        spec = prepared.data_spec
+        self.run_dir = str(prepared.run_dir.resolve())
+        self.plan = prepared.plan.__dict__.copy()
+        self.rank = rank
+        self.seed = prepared.config.seed
+        self.decode_cpus = prepared.config.data.decode_cpus
+        self.spec = {"transform": spec.transform.__dict__.copy(), "hard_negatives": spec.hard_negatives,
+                     "pacl_augment": spec.pacl_augment, "caption_turn": spec.caption_turn,
+                     "noun_chunker": prepared.config.data.noun_chunker}
+        self.spec["transform"]["size"] = list(spec.transform.size)
+
+    def __call__(self) -> ray.data.Dataset:
+        # Runs in Ray Train's controller: a dataset takes the context current at its creation, so set it here.
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # one step per batch, in step order
+        context.enable_progress_bars = False  # rank 0 prints step / loss / samples/s / ETA instead
+        start = latest_checkpoint_step(Path(self.run_dir))
+        rows = max(0, (self.plan["total_steps"] - start) * self.plan["local_rows"])
+        fn = partial(decode_rows, run_dir=self.run_dir, plan=self.plan, rank=self.rank, start=start,
+                     seed=self.seed, spec=self.spec)
+        return ray.data.range(rows).map_batches(
+            fn, batch_size=self.plan["local_rows"], num_cpus=self.decode_cpus, batch_format="numpy")
+
+
+# -- worker ------------------------------------------------------------------------------------------------------
+
+def fault_step() -> int | None:
+    value = os.environ.get(FAULT_ENV, "")
+    return int(value.split(":", 1)[1]) if value.startswith("train_worker:") else None
+
+
+def maybe_die(run_dir: Path, step: int, rank: int, world: int) -> None:
+    """Fault injection: the last rank exits abruptly once, at the start of the configured step."""
+    if fault_step() != step or rank != world - 1:
+        return
+    marker = run_dir / f".fault-train_worker-{step}"
+    try:
+        marker.touch(exist_ok=False)
+    except FileExistsError:
+        return
+    print(f"[train] fault injection: rank {rank} exits at step {step}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def split_rows(rows: dict[str, np.ndarray], chunks: int) -> list[dict[str, np.ndarray]]:
+    n = len(rows["step"])
+    bounds = np.linspace(0, n, chunks + 1).round().astype(int)
+    return [{k: v[bounds[i]: bounds[i + 1]] for k, v in rows.items()} for i in range(chunks)]
+
+
+def build_schedule(optimizer: Any, config: TrainExperimentConfig, total_steps: int) -> Any:
+    from open_clip_train.scheduler import const_lr, cosine_lr
+
+    sched = config.train.schedule
+    fn = cosine_lr if sched.kind == "cosine" else const_lr
+    return fn(optimizer, config.train.optim.lr, sched.warmup_steps, total_steps)
+
+
+def open_tracker(cfg: dict[str, Any]) -> Any:
+    from perceive_ray.tracking.tracker import GuardedTracker, MlflowTracker, NullTracker
+
+    if not cfg.get("mlflow_run_id"):
+        return NullTracker()
+    try:
+        inner = MlflowTracker(cfg["tracking_uri"], cfg["experiment"], timeout_s=cfg["tracking_timeout_s"],
+                              max_retries=cfg["tracking_max_retries"])
+        tracker = GuardedTracker(inner)
+        tracker.start("", {}, {}, resume_run_id=cfg["mlflow_run_id"])
+        return tracker
+    except Exception as exc:  # noqa: BLE001 (training goes on; the driver reports tracking problems)
+        print(f"[train] tracking unavailable on rank 0: {exc}", file=sys.stderr, flush=True)
+        return NullTracker()
+
+
+def save_checkpoint(engine: Any, job: Any, *, step: int, state: dict[str, Any], rank: int, final: bool,
+                    zero_stage: int, metrics: dict[str, float]) -> None:
+    """Every rank saves its part under one tag and reports it; rank 0 adds ``export/`` to the last one."""
+    import deepspeed
+    from ray.train import Checkpoint
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"perceive-ckpt-{rank}-"))
+    try:
+        engine.save_checkpoint(str(tmp), tag=f"step_{step:08d}", client_state={CLIENT_STATE: state},
+                               exclude_frozen_parameters=True)
+        if final:
+            params = list(engine.module.parameters())
+            ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else None
+            if ctx is not None:
+                ctx.__enter__()
+            try:
+                if rank == 0:
+                    info = job.export(engine.module, tmp / EXPORT_DIR)
+                    (tmp / EXPORT_DIR / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+            finally:
+                if ctx is not None:
+                    ctx.__exit__(None, None, None)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)),
+                         checkpoint_dir_name=f"step_{step:08d}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_fn_per_worker(cfg: dict[str, Any]) -> None:
+    """The one per-worker training function (see the module docstring)."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from perceive_ray.train.gradcache import chunk_seed, run_step
+
+    config = TrainExperimentConfig.model_validate(cfg["config"])
+    plan = TrainPlan(**cfg["plan"])
+    run_dir = Path(cfg["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if world != plan.world_size:
+        raise RuntimeError(f"planned for {plan.world_size} workers, running on {world}")
+    torch.set_num_threads(max(1, int(config.resources.cpus_per_worker)))
+    device = torch.device(f"cuda:{ctx.get_local_rank()}") if config.resources.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(config.seed)  # identical initial weights (random-init heads) on every rank
+    job = registry.resolve("jobs", config.job)(config, device=device)
+    ds_config = json.loads((run_dir / DEEPSPEED_FILE).read_text())
+    engine, optimizer, _, _ = deepspeed.initialize(model=job.module, model_parameters=job.parameter_groups(),
+                                                   config=ds_config)
+    zero_stage = config.train.deepspeed.zero_stage
+    gathered = (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)) if zero_stage == 3 \
+        else None
+    schedule = build_schedule(optimizer, config, plan.total_steps)
+    step, missing = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            tag = (Path(folder) / "latest").read_text().strip()
+            _, client = engine.load_checkpoint(folder, tag=tag, load_module_strict=False)
+        state = client[CLIENT_STATE]
+        if state["config_hash"] != cfg["config_hash"]:
+            raise RuntimeError(f"checkpoint {tag} was written by another configuration")
+        step, missing = int(state["step"]), int(state["missing_images"])
+        if dist.is_initialized():
+            dist.barrier()
+        if rank == 0:
+            print(f"[train] resumed from checkpoint {tag} at step {step}/{plan.total_steps}", flush=True)
+    tracker = open_tracker(cfg) if rank == 0 else None
+    shard = ray.train.get_dataset_shard(f"rank{rank}")
+    started, first_step = time.monotonic(), step
+    window_rows, window_start = 0, time.monotonic()
+    max_missing = config.data.max_missing_fraction
+    for rows in shard.iter_batches(batch_size=plan.local_rows, batch_format="numpy", prefetch_batches=1):
+        steps = np.unique(rows["step"])
+        if len(steps) != 1 or len(rows["step"]) != plan.local_rows:
+            raise RuntimeError(f"rank {rank}: a batch spans steps {steps.tolist()} ({len(rows['step'])} rows)")
+        if int(steps[0]) < step:
+            continue  # the dataset started before the checkpoint (a checkpoint registered after it was built)
+        if int(steps[0]) != step:
+            raise RuntimeError(f"rank {rank}: expected step {step}, the data is at step {int(steps[0])}")
+        maybe_die(run_dir, step, rank, world)
+        ok = np.asarray(rows["ok"], dtype=bool)
+        bad = torch.tensor([float((~ok).sum()), float(len(ok))], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(bad)
+        if bad[0] > 0:
+            missing += int(bad[0])
+            print(f"[train] step {step}: {int(bad[0])} unreadable image(s) skipped (rank {rank} keys "
+                  f"{[str(k) for k in rows['key'][~ok]][:3]})", file=sys.stderr, flush=True)
+            if bad[0] > max_missing * bad[1]:
+                raise RuntimeError(f"step {step}: {int(bad[0])} of {int(bad[1])} images unreadable, more than "
+                                   f"data.max_missing_fraction={max_missing}")
+            rows = {k: v[ok] for k, v in rows.items()}
+        lr = schedule(step)
+        batches = [job.collate(chunk, device) for chunk in split_rows(rows, plan.chunks)]
+        seeds = [chunk_seed(config.seed, step, rank, c) for c in range(plan.chunks)]
+        loss, logs = run_step(engine, job.compute_loss, batches, seeds)
+        job.after_step(engine.module, gathered)
+        step += 1
+        window_rows += int(bad[1] - bad[0])
+        final = step == plan.total_steps
+        metrics = {"train/loss": float(loss), "train/lr": float(lr), "train/step": step,
+                   "train/missing_images": missing, **{f"train/{k}": float(v) for k, v in logs.items()}}
+        if step % config.train.log_every_steps == 0 or final:
+            elapsed = time.monotonic() - window_start
+            metrics["train/samples_per_s"] = window_rows / max(elapsed, 1e-9)
+            metrics["train/step_time_s"] = elapsed / max(1, config.train.log_every_steps)
+            window_rows, window_start = 0, time.monotonic()
+            if rank == 0:
+                rate = (time.monotonic() - started) / max(1, step - first_step)
+                print(f"[train] step {step}/{plan.total_steps} ({100 * step / plan.total_steps:.0f}%) "
+                      f"loss {float(loss):.4f} lr {float(lr):.2e} {metrics['train/samples_per_s']:.1f} samples/s "
+                      f"eta {format_eta(rate * (plan.total_steps - step))}", flush=True)
+                tracker.log_metrics({k: v for k, v in metrics.items() if k != "train/step"}, step=step)
+                with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:  # the curve, also without MLflow
+                    log.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        if step % config.train.checkpoint.every_steps == 0 or final:
+            state = {"step": step, "epoch": step // plan.steps_per_epoch, "seed": config.seed,
+                     "config_hash": cfg["config_hash"], "missing_images": missing,
+                     "data_position": {"step": step, "rows_per_rank": plan.local_rows}}
+            save_checkpoint(engine, job, step=step, state=state, rank=rank, final=final, zero_stage=zero_stage,
+                            metrics=metrics)
+            if rank == 0:
+                tracker.log_tags({"checkpoint.step": str(step), "checkpoint.location": str(run_dir / STORAGE_NAME /
+                                                                                        f"step_{step:08d}")})
+        if final:
+            break
+    if step != plan.total_steps:
+        raise RuntimeError(f"rank {rank}: the data ended at step {step} of {plan.total_steps}")
+    if rank == 0 and tracker is not None:
+        tracker.log_metrics({"train/missing_images": missing}, step=step)
+
+
+# -- driver ------------------------------------------------------------------------------------------------------
+
+def check_cluster_cpus(config: TrainExperimentConfig) -> None:
+    """Workers must leave CPU for the decode tasks: a pipeline with no CPU left waits forever, silently."""
+    res = config.resources
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    needed = res.num_workers * res.cpus_per_worker + config.data.decode_cpus
+    if needed > total + 1e-9:
+        raise ConfigError(
+            f"resources: {res.num_workers} workers x {res.cpus_per_worker} CPUs (resources.cpus_per_worker) + "
+            f"{config.data.decode_cpus} CPUs for image decoding (data.decode_cpus) need {needed:g} CPUs; the Ray "
+            f"cluster has {total:g}. Lower resources.cpus_per_worker (fractions are fine) or add CPUs")
+
+
+def build_trainer(prepared: PreparedRun, tracking: dict[str, Any]) -> Any:
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    config = prepared.config
+    res = config.resources
+    env = {"DS_ACCELERATOR": "cuda" if res.use_gpu else "cpu", "PYTHONUNBUFFERED": "1"}
+    for name in (FAULT_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "HF_HUB_OFFLINE"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    loop_config = {"config": absolute_paths(config).model_dump(mode="json", by_alias=True), "plan": prepared.plan.__dict__,
+                   "run_dir": str(prepared.run_dir.resolve()), "config_hash": config_hash(config), **tracking}
+    datasets = {f"rank{r}": RankDataset(prepared, r) for r in range(res.num_workers)}
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                     resources_per_worker={"CPU": res.cpus_per_worker}),
+        run_config=RunConfig(
+            name=STORAGE_NAME, storage_path=str(prepared.run_dir.resolve()),
+            failure_config=FailureConfig(max_failures=res.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.checkpoint.num_to_keep),
+            worker_runtime_env={"env_vars": env},
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+
+
+def run_train(config: TrainExperimentConfig, *, run_id: str | None = None, address: str | None = None,
+              track: bool = True) -> dict[str, Any]:
+    """Prepare (all checks first), train on Ray Train + DeepSpeed, export, record. Returns ``result.json``."""
+    from perceive_ray.run.inference import init_ray, shutdown_ray
+    from perceive_ray.run_directory import RunLock
+    from perceive_ray.tracking.training import TrainingTracking
+
+    prepared = prepare_training(config, run_id=run_id)
+    if prepared.finished:
+        result = json.loads((prepared.run_dir / "result.json").read_text())
+        print(f"[train] run {prepared.run_id} already finished: export in {result['export']}", flush=True)
+        return result
+    plan = prepared.plan
+    with RunLock(prepared.run_dir):
+        tracking = TrainingTracking(config, prepared, enabled=track)
+        print(f"[train] run {prepared.run_id}: {config.job}, {plan.num_samples} samples, {plan.total_steps} steps "
+              f"x {plan.global_batch} rows on {plan.world_size} worker(s) ({plan.chunks} chunk(s) each); "
+              f"{'resuming' if prepared.resumed else 'starting'} in {prepared.run_dir}", flush=True)
+        started_ray = init_ray(address, log_to_driver=True)
+        status = "FAILED"
+        try:
+            check_cluster_cpus(config)
+            trainer = build_trainer(prepared, tracking.worker_config())
+            started = time.monotonic()
+            result = trainer.fit()
+            if result.checkpoint is None:
+                raise RuntimeError("training ended without a checkpoint")
+            with result.checkpoint.as_directory() as folder:
+                export = copy_export(Path(folder), prepared.run_dir)
+            summary = {"run_id": prepared.run_id, "export": str(export), "steps": plan.total_steps,
+                       "final_metrics": {k: v for k, v in (result.metrics or {}).items()
+                                         if isinstance(v, (int, float))},
+                       "checkpoint": str(result.checkpoint.path), "wall_s": round(time.monotonic() - started, 1),
+                       "export_info": json.loads((export / "export.json").read_text())}
+            write_result(prepared.run_dir, summary)
+            status = "FINISHED"
+            tracking.finish(summary, status)
+            print(f"[train] finished: export in {export} (evaluate with model.source / head_weights "
+                  f"train:{prepared.run_id})", flush=True)
+            return summary
+        except ConfigError:
+            raise
+        finally:
+            if status != "FINISHED":
+                tracking.finish(None, status)
+            if started_ray:
+                shutdown_ray()

@@ -1,0 +1,1 @@
+"""Training: losses, DeepSpeed config, jobs and the Ray-free training loop."""

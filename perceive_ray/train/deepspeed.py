@@ -1,0 +1,74 @@
+"""The DeepSpeed config of a training run: a pure function of the experiment (saved as ``deepspeed.json``).
+
+``train_batch_size`` is the experiment's global batch; DeepSpeed's ``gradient_accumulation_steps`` counts the
+GradCache chunks of one step (``engine.step()`` after every chunk's backward only steps the optimiser at the
+boundary), so micro x workers x chunks == global whatever the worker count. The optimiser is DeepSpeed's own
+``torch_adam`` path (torch's Adam/AdamW, no JIT-compiled CPU Adam); the learning rate is driven per step by the
+schedule of PROTOCOLS §5 (``open_clip_train.scheduler``), so DeepSpeed gets no scheduler block. bf16 on GPU, fp32 on
+CPU (``precision: auto``); no gradient clipping unless ``train.deepspeed.grad_clip`` is set (neither recipe clips).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from perceive_ray.training_config import TrainExperimentConfig, compute_accumulation
+
+# Reduce / all-gather bucket sizes (elements): DeepSpeed's defaults are 5e8, sized for 7B models on GPUs.
+BUCKET = 50_000_000
+
+
+def build_deepspeed_config(config: TrainExperimentConfig, *, use_gpu: bool | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON for ``config`` (``use_gpu`` defaults to ``resources.use_gpu``)."""
+    train, ds = config.train, config.train.deepspeed
+    use_gpu = config.resources.use_gpu if use_gpu is None else use_gpu
+    local, chunks = compute_accumulation(config)
+    precision = ds.precision if ds.precision != "auto" else ("bf16" if use_gpu else "fp32")
+    optim = train.optim
+    out: dict[str, Any] = {
+        "train_batch_size": train.batch.global_,
+        "train_micro_batch_size_per_gpu": local // chunks,
+        "gradient_accumulation_steps": chunks,
+        "optimizer": {
+            "type": "AdamW" if optim.name == "adamw" else "Adam",
+            "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+                       "weight_decay": optim.weight_decay, "torch_adam": True},
+        },
+        "zero_optimization": build_zero_section(config),
+        "steps_per_print": 10**9,  # progress is ours (rank 0, every train.log_every_steps)
+        "wall_clock_breakdown": False,
+    }
+    if optim.name == "adam":
+        out["optimizer"]["params"]["adam_w_mode"] = False
+    if precision == "bf16":
+        out["bf16"] = {"enabled": True}
+    if ds.grad_clip is not None:
+        out["gradient_clipping"] = ds.grad_clip
+    if ds.offload_optimizer or ds.offload_param:
+        # A client-side torch optimiser on offloaded states is refused by DeepSpeed unless allowed explicitly.
+        out["zero_force_ds_cpu_optimizer"] = False
+    return out
+
+
+def build_zero_section(config: TrainExperimentConfig) -> dict[str, Any]:
+    ds = config.train.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage == 0:
+        return zero
+    zero.update({"reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET, "overlap_comm": False,
+                 "contiguous_gradients": True})
+    if ds.zero_stage == 3:
+        del zero["allgather_bucket_size"]
+        zero["stage3_prefetch_bucket_size"] = BUCKET
+        zero["stage3_gather_16bit_weights_on_model_save"] = False  # we gather explicitly for the export
+        if ds.stage3_param_persistence_threshold is not None:
+            zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
+    if ds.offload_optimizer:
+        if ds.zero_stage < 1:
+            raise ValueError("train.deepspeed.offload_optimizer needs zero_stage >= 1")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": config.resources.use_gpu}
+    if ds.offload_param:
+        if ds.zero_stage != 3:
+            raise ValueError("train.deepspeed.offload_param needs zero_stage 3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": config.resources.use_gpu}
+    return zero

@@ -1,0 +1,252 @@
+"""The Ray-free part of a training run: preflight, run directory, plan, record, tracking and the train -> eval link.
+
+Everything here happens on the driver before any worker starts (a bad file, row, key or image is an exit-2 error
+with nothing started), or after the trainer returns. ``run/training.py`` adds only the Ray pieces: the per-rank
+Ray Data pipelines and the one ``train_fn_per_worker``.
+
+Run directory ``<output_dir>/train/<run id>/``: ``config.yaml``, ``run_record.json`` (config hash, data hashes,
+plan, versions; never rewritten), ``deepspeed.json``, ``samples.arrow`` (the memory-mapped sample table the decode
+tasks read), ``tracking.json`` (the MLflow run id, so a rerun reopens the same run), ``ray/`` (Ray Train storage:
+checkpoints ``step_XXXXXXXX`` and the checkpoint manager's snapshot; rerunning the same run id resumes from it),
+``export/`` (the trained model in the layout the loaders read) and ``result.json`` once finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from perceive_ray import registry
+from perceive_ray.config import ConfigError, config_record, dump_config
+from perceive_ray.run_directory import RunMismatchError, read_record, write_record_once
+from perceive_ray.train.deepspeed import build_deepspeed_config
+from perceive_ray.training_config import TrainExperimentConfig, compute_accumulation
+
+TRAIN_DIR = "train"
+SAMPLES_FILE = "samples.arrow"
+DEEPSPEED_FILE = "deepspeed.json"
+RESULT_FILE = "result.json"
+EXPORT_DIR = "export"
+STORAGE_NAME = "ray"
+TRAIN_REF = "train:"
+STEP_DIR = re.compile(r"step_(\d{8})")
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """How many steps, and how each step's global batch is laid out over workers and GradCache chunks."""
+
+    num_samples: int
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+    world_size: int
+    local_rows: int
+    chunks: int
+
+
+def train_run_dir(output_dir: str | Path, run_id: str) -> Path:
+    return Path(output_dir) / TRAIN_DIR / run_id
+
+
+def default_run_id(config: TrainExperimentConfig) -> str:
+    return f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def config_hash(config: TrainExperimentConfig) -> str:
+    """What must not change when a run resumes: the whole config except tracking and smoke."""
+    data = config_record(config)
+    for key in ("tracking", "smoke", "description"):
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def absolute_paths(config: TrainExperimentConfig) -> TrainExperimentConfig:
+    """The config with relative paths made absolute: workers do not run in the driver's working directory."""
+    def absolute(value: Any) -> Any:
+        return Path(value).expanduser().resolve() if value is not None else None
+
+    model = config.model
+    if Path(model.source).expanduser().exists():
+        model = model.model_copy(update={"source": str(absolute(model.source))})
+    if model.pretrained and Path(model.pretrained).expanduser().is_file():
+        model = model.model_copy(update={"pretrained": str(absolute(model.pretrained))})
+    sources = [s.model_copy(update={"path": absolute(s.path), "image_root": absolute(s.image_root)})
+               for s in config.data.sources]
+    data = config.data.model_copy(update={"sources": sources, "text_embeddings": absolute(config.data.text_embeddings)})
+    return config.model_copy(update={"model": model, "data": data, "output_dir": absolute(config.output_dir)})
+
+
+def build_plan(config: TrainExperimentConfig, num_samples: int) -> TrainPlan:
+    from perceive_ray.data.llava_data import steps_per_epoch
+
+    global_batch = config.train.batch.global_
+    per_epoch = steps_per_epoch(num_samples, global_batch)
+    if per_epoch == 0:
+        raise ConfigError(f"train.batch.global: {global_batch} is larger than the {num_samples} training samples "
+                          "(data.sources); no full step fits in an epoch")
+    total = per_epoch * config.train.epochs
+    if config.train.max_steps is not None:
+        total = min(total, config.train.max_steps)
+    local, chunks = compute_accumulation(config)
+    return TrainPlan(num_samples, per_epoch, total, global_batch, config.resources.num_workers, local, chunks)
+
+
+def job_data_spec(config: TrainExperimentConfig) -> Any:
+    """The job's DataSpec (transform, negatives, augmentation), computed without loading weights."""
+    module = registry.resolve("jobs", config.job).__module__
+    return registry.load_target(f"{module}:data_spec")(config)
+
+
+def load_samples(config: TrainExperimentConfig) -> tuple[list[Any], dict[str, Any]]:
+    """Read and check every data source (errors name the file and row) -> image samples + a summary."""
+    from perceive_ray.data import llava_data
+
+    samples, summary = [], {}
+    for source in config.data.sources:
+        loaded = llava_data.load_llava_source(source.path, source.image_root, source_name=source.name,
+                                              fmt=source.format, limit=source.limit)
+        images, _ = llava_data.drop_text_only(loaded)  # §5.1: samples without an image are dropped
+        summary[source.name] = {"path": str(source.path), "rows": len(loaded), "image_rows": len(images),
+                                "text_only_dropped": len(loaded) - len(images), "sha256": file_sha256(source.path)}
+        samples.extend(images)
+    if not samples:
+        raise ConfigError("data.sources: no image samples to train on")
+    return samples, summary
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_chunker(config: TrainExperimentConfig) -> None:
+    if config.data.pacl_augment:
+        from perceive_ray.data.llava_data import load_spacy_chunker
+
+        load_spacy_chunker(config.data.noun_chunker)
+
+
+@dataclass
+class PreparedRun:
+    config: TrainExperimentConfig
+    run_id: str
+    run_dir: Path
+    plan: TrainPlan
+    data_spec: Any
+    deepspeed: dict[str, Any]
+    resumed: bool
+    finished: bool
+
+
+def prepare_training(config: TrainExperimentConfig, *, run_id: str | None = None) -> PreparedRun:
+    """Check everything, then create (or reopen) the run directory: the only work before the trainer starts."""
+    run_id = run_id or default_run_id(config)
+    run_dir = train_run_dir(config.output_dir, run_id)
+    stored = read_record(run_dir)
+    chash = config_hash(config)
+    if stored is not None and stored.get("config_hash") != chash:
+        raise RunMismatchError(f"run directory {run_dir} was trained with another configuration (config hash "
+                               f"{stored.get('config_hash')} vs {chash}); resuming would mix them: pick another "
+                               "--run-id (diff its config.yaml against yours)")
+    spec = job_data_spec(config)
+    check_chunker(config)
+    deepspeed = build_deepspeed_config(config)
+    if stored is not None and (run_dir / SAMPLES_FILE).is_file():
+        plan = TrainPlan(**stored["plan"])
+        finished = (run_dir / RESULT_FILE).is_file()
+        return PreparedRun(config, run_id, run_dir, plan, spec, deepspeed, resumed=True, finished=finished)
+    samples, summary = load_samples(config)
+    plan = build_plan(config, len(samples))
+    from perceive_ray.data.llava_data import write_sample_table
+    from perceive_ray.tracking.run_record import build_run_record
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_sample_table(samples, run_dir / SAMPLES_FILE)
+    (run_dir / DEEPSPEED_FILE).write_text(json.dumps(deepspeed, indent=2) + "\n")
+    record = {**build_run_record({name: {Path(s["path"]).name: s["sha256"]} for name, s in summary.items()}), "kind": "train",
+              "run_id": run_id, "job": config.job, "config_hash": chash, "plan": asdict(plan), "data": summary,
+              "data_spec": {"transform": asdict(spec.transform), "hard_negatives": spec.hard_negatives,
+                            "pacl_augment": spec.pacl_augment, "caption_turn": spec.caption_turn}}
+    write_record_once(run_dir, record, dump_config(config))
+    return PreparedRun(config, run_id, run_dir, plan, spec, deepspeed, resumed=False, finished=False)
+
+
+def latest_checkpoint_step(run_dir: Path) -> int:
+    """The step of the newest checkpoint Ray Train registered (its snapshot file), 0 when there is none."""
+    snapshot = run_dir / STORAGE_NAME / "checkpoint_manager_snapshot.json"
+    try:
+        text = snapshot.read_text()
+    except OSError:
+        return 0
+    steps = [int(m) for m in STEP_DIR.findall(text)]
+    return max(steps, default=0)
+
+
+def copy_export(checkpoint_dir: Path, run_dir: Path) -> Path:
+    """Copy the final checkpoint's ``export/`` (written by rank 0) to ``<run dir>/export``."""
+    source = Path(checkpoint_dir) / EXPORT_DIR
+    if not source.is_dir():
+        raise RuntimeError(f"{checkpoint_dir}: the final checkpoint holds no {EXPORT_DIR}/ (rank 0 writes it)")
+    target = run_dir / EXPORT_DIR
+    temp = run_dir / (EXPORT_DIR + ".tmp")
+    shutil.rmtree(temp, ignore_errors=True)
+    shutil.copytree(source, temp)
+    shutil.rmtree(target, ignore_errors=True)
+    temp.rename(target)
+    return target
+
+
+def write_result(run_dir: Path, result: dict[str, Any]) -> None:
+    (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+
+
+# -- train -> eval ----------------------------------------------------------------------------------------------
+
+def resolve_train_export(value: str, output_dir: str | Path) -> Path:
+    """``train:<run id>`` -> ``<output_dir>/train/<run id>/export`` (which must exist: the run finished)."""
+    run_id = value.removeprefix(TRAIN_REF)
+    export = train_run_dir(output_dir, run_id) / EXPORT_DIR
+    if not run_id or not export.is_dir():
+        raise ConfigError(f"{value!r}: no finished training run {run_id!r} under {Path(output_dir) / TRAIN_DIR} "
+                          f"(expected {export})")
+    return export
+
+
+def resolve_train_refs(data: dict[str, Any], output_dir: str | Path) -> dict[str, Any]:
+    """Replace ``train:<id>`` references of an eval config (plain data) by the exported files they name.
+
+    ``model.source``: the exported open_clip directory (CLIP fine-tunes), or the frozen encoder a head was trained
+    on (head exports carry ``encoder.json``). Any scorer weight option (``head_weights``): the exported head file.
+    """
+    model = data.get("model") or {}
+    source = model.get("source")
+    if isinstance(source, str) and source.startswith(TRAIN_REF):
+        export = resolve_train_export(source, output_dir)
+        encoder = export / "encoder.json"
+        if encoder.is_file():
+            frozen = json.loads(encoder.read_text())
+            model.update({"source": frozen["source"], "pretrained": frozen.get("pretrained")})
+        else:
+            model.update({"source": str(export), "pretrained": None})
+    options = (data.get("scorer") or {}).get("options") or {}
+    for key, value in list(options.items()):
+        if isinstance(value, str) and value.startswith(TRAIN_REF):
+            export = resolve_train_export(value, output_dir)
+            heads = sorted(export.glob("*.safetensors"))
+            if key == "head_weights" and (export / "head.safetensors").is_file():
+                options[key] = str(export / "head.safetensors")
+            elif len(heads) == 1:
+                options[key] = str(heads[0])
+            else:
+                raise ConfigError(f"scorer.options.{key}: {value!r} names an export without one weights file")
+    return data

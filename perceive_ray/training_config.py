@@ -1,0 +1,209 @@
+"""The training experiment schema (``kind: train``): every hyperparameter of PROTOCOLS §5 is a dotted key.
+
+One schema family with ``config.py``: the same loader, ``base:``, smoke blocks and dotted overrides, so a Tune sweep
+varies ``train.optim.lr`` or ``train.clip.lock_image`` exactly as the command line does. The global batch is part
+of the experiment, never of the cluster: ``train.batch.global`` is kept under any worker count, as
+micro-batch x workers x accumulation chunks (contrastive losses see all ``global`` rows at once: the chunks are
+GradCache chunks, not gradient accumulation, so the number of negatives does not depend on the hardware).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from perceive_ray import registry
+from perceive_ray.config import ModelConfig, StrictModel, TrackingConfig
+
+LossKind = Literal["clip", "negclip", "siglip", "pacl", "sparc"]
+HeadsKind = Literal["pacl", "pacl_rope", "sparc", "sparc_rope", "pacl_llm_text"]
+# Which loss each job accepts; the heads job's loss follows from the head kind.
+JOB_LOSSES: dict[str, tuple[str, ...]] = {"clip_finetune": ("clip", "negclip", "siglip"), "heads": ("pacl", "sparc")}
+JOB_FAMILIES: dict[str, tuple[str, ...]] = {"clip_finetune": ("clip",), "heads": ("clip", "llm2clip")}
+
+
+class DataSourceConfig(StrictModel):
+    """One LLaVA-1.5 JSON file: ``pretrain`` = LCS-558K layout, ``mix`` = mix-665K layout (routed by file)."""
+
+    name: str
+    path: Path
+    image_root: Path
+    format: Literal["pretrain", "mix"]
+    limit: int | None = Field(default=None, gt=0, description="Use only the first N rows (smoke runs).")
+
+
+class TrainDataConfig(StrictModel):
+    sources: list[DataSourceConfig] = Field(min_length=1)
+    # §5.1: a uniformly random gpt turn per epoch; §5.5 allows the first turn for the 665K text embeddings.
+    caption_turn: Literal["random", "first"] = "random"
+    # §5.2 PACL caption augmentation: needs spaCy's en_core_web_sm noun chunker.
+    pacl_augment: bool = False
+    noun_chunker: str = "en_core_web_sm"
+    # §5.5: precomputed LLM text embeddings keyed by text (pacl_llm_text heads only).
+    text_embeddings: Path | None = None
+    decode_cpus: float = Field(default=0.5, gt=0, description="Ray CPUs per image-decoding task.")
+    # A missing image found mid-epoch is skipped and counted; more than this fraction of a step's rows fails the run.
+    max_missing_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
+
+
+class BatchConfig(StrictModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    global_: int = Field(alias="global", gt=0, description="Rows per optimiser step, whatever the worker count.")
+    micro: int | None = Field(default=None, gt=0, description="Rows per forward chunk per worker (null: all).")
+
+
+class OptimConfig(StrictModel):
+    name: Literal["adamw", "adam"] = "adamw"
+    lr: float = Field(gt=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(default=1e-6, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class ScheduleConfig(StrictModel):
+    kind: Literal["cosine", "const"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+
+
+class LossConfig(StrictModel):
+    kind: LossKind | None = None  # null: the job's default (clip for clip_finetune, the head's loss for heads)
+    # NegCLIP/SigLIP left/right negatives (§5.1); null: leftright for negclip, none otherwise.
+    hard_negatives: Literal["none", "leftright"] | None = None
+    temperature: float = Field(default=0.1, gt=0, description="Fixed tau of the PACL / SPARC losses.")
+    sparc_global_weight: float = 0.5
+    sparc_local_weight: float = 1.0
+    sparc_mask_padding: bool = False
+
+
+class ClipTrainConfig(StrictModel):
+    lock_image: bool = True
+    lock_text: bool = False
+    grad_checkpointing: bool = True
+    clamp_logit_scale: float = Field(default=100.0, gt=0, description="logit_scale.exp() <= this after each step.")
+
+
+class HeadsTrainConfig(StrictModel):
+    kind: HeadsKind = "pacl"
+    embed_dim: int = Field(default=768, gt=0)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    pacl_pooling: Literal["uniform", "sigmoid"] = "uniform"
+    sparc_sigma: float | None = Field(default=None, ge=0, lt=1, description="null: 1 / number of patches")
+
+
+class DeepSpeedTrainConfig(StrictModel):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    grad_clip: float | None = Field(default=None, gt=0)
+    stage3_param_persistence_threshold: int | None = Field(default=None, ge=0)
+
+
+class CheckpointTrainConfig(StrictModel):
+    every_steps: int = Field(default=100, gt=0)
+    num_to_keep: int | None = Field(default=2, gt=0)
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(default=1, gt=0)
+    max_steps: int | None = Field(default=None, gt=0, description="Stop after this many steps (smoke runs).")
+    batch: BatchConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig = ScheduleConfig()
+    loss: LossConfig = LossConfig()
+    clip: ClipTrainConfig = ClipTrainConfig()
+    heads: HeadsTrainConfig = HeadsTrainConfig()
+    deepspeed: DeepSpeedTrainConfig = DeepSpeedTrainConfig()
+    checkpoint: CheckpointTrainConfig = CheckpointTrainConfig()
+    log_every_steps: int = Field(default=10, gt=0)
+
+
+class TrainResourcesConfig(StrictModel):
+    num_workers: int = Field(default=1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    max_failures: int = Field(default=1, ge=0, description="Worker-group restarts from the latest checkpoint.")
+
+
+class TrainExperimentConfig(StrictModel):
+    """A training experiment: a registered job, the model it starts from, LLaVA-format data and ``train.*``."""
+
+    kind: Literal["train"] = "train"
+    name: str
+    description: str = ""
+    seed: int = 0
+    job: str
+    model: ModelConfig
+    data: TrainDataConfig
+    train: TrainConfig
+    resources: TrainResourcesConfig = TrainResourcesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output_dir: Path = Path("runs")
+    smoke: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainExperimentConfig:
+        jobs = registry.names("jobs")
+        if self.job not in jobs:
+            raise ValueError(f"job: unknown training job {self.job!r}; known: {', '.join(jobs)}")
+        if self.model.family not in JOB_FAMILIES[self.job]:
+            raise ValueError(f"model.family: job {self.job!r} accepts {', '.join(JOB_FAMILIES[self.job])}, "
+                             f"not {self.model.family!r}")
+        loss = resolve_loss_kind(self)
+        if loss not in JOB_LOSSES[self.job]:
+            raise ValueError(f"train.loss.kind: job {self.job!r} trains with {', '.join(JOB_LOSSES[self.job])}, "
+                             f"not {loss!r}")
+        if self.job == "heads" and loss != head_loss(self.train.heads.kind):
+            raise ValueError(f"train.loss.kind: heads of kind {self.train.heads.kind!r} train with "
+                             f"{head_loss(self.train.heads.kind)!r}, not {loss!r}")
+        negatives = resolve_hard_negatives(self)
+        if loss == "negclip" and negatives != "leftright":
+            raise ValueError("train.loss.hard_negatives: negclip needs leftright negatives (use kind: clip for none)")
+        if loss == "clip" and negatives != "none":
+            raise ValueError("train.loss.hard_negatives: kind clip has no negatives; use kind: negclip")
+        if negatives != "none" and self.job != "clip_finetune":
+            raise ValueError("train.loss.hard_negatives: only the clip_finetune job uses hard negatives")
+        if (self.train.heads.kind == "pacl_llm_text") != (self.model.family == "llm2clip") and self.job == "heads":
+            raise ValueError("train.heads.kind: pacl_llm_text runs on the llm2clip family, the other heads on clip")
+        if self.train.heads.kind == "pacl_llm_text" and self.job == "heads" and self.data.text_embeddings is None:
+            raise ValueError("data.text_embeddings: pacl_llm_text heads need precomputed LLM text embeddings")
+        if self.data.pacl_augment and self.job != "heads":
+            raise ValueError("data.pacl_augment: the PACL caption augmentation belongs to the heads job")
+        names = [s.name for s in self.data.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.sources: source names must be unique, got {names}")
+        compute_accumulation(self)  # raises on a global batch that does not split
+        return self
+
+
+def head_loss(kind: str) -> str:
+    return "sparc" if kind.startswith("sparc") else "pacl"
+
+
+def resolve_loss_kind(config: TrainExperimentConfig) -> str:
+    if config.train.loss.kind is not None:
+        return config.train.loss.kind
+    return head_loss(config.train.heads.kind) if config.job == "heads" else "clip"
+
+
+def resolve_hard_negatives(config: TrainExperimentConfig) -> str:
+    if config.train.loss.hard_negatives is not None:
+        return config.train.loss.hard_negatives
+    return "leftright" if resolve_loss_kind(config) == "negclip" else "none"
+
+
+def compute_accumulation(config: TrainExperimentConfig) -> tuple[int, int]:
+    """(rows per worker per step, chunks per step) so that chunk x workers x chunks == train.batch.global."""
+    batch, workers = config.train.batch, config.resources.num_workers
+    if batch.global_ % workers:
+        raise ValueError(f"train.batch.global: {batch.global_} rows do not split over {workers} workers "
+                         "(resources.num_workers); the global batch is kept whatever the worker count")
+    local = batch.global_ // workers
+    micro = batch.micro or local
+    if local % micro:
+        raise ValueError(f"train.batch.micro: {micro} does not divide the {local} rows per worker "
+                         f"(train.batch.global {batch.global_} / {workers} workers)")
+    return local, local // micro
