@@ -48,7 +48,7 @@ from perceive_ray.training import (
 )
 from perceive_ray.training_config import TrainExperimentConfig
 
-FAULT_ENV = "PERCEIVE_RAY_FAULT"  # "train_worker:<step>": the last rank dies once at that step (tests)
+FAULT_ENV = "PERCEIVE_RAY_FAULT"  # "train_worker:<K>": the last rank dies once, just before step K (1-based) runs
 CLIENT_STATE = "perceive_ray"
 LOG_FILE = "train_log.jsonl"  # rank 0's logged metrics, one JSON line per logged step (run directory)
 
@@ -137,7 +137,7 @@ def fault_step() -> int | None:
 
 
 def maybe_die(run_dir: Path, step: int, rank: int, world: int) -> None:
-    """Fault injection: the last rank exits abruptly once, at the start of the configured step."""
+    """Fault injection: the last rank exits abruptly once, just before the configured (1-based) step runs."""
     if fault_step() != step or rank != world - 1:
         return
     marker = run_dir / f".fault-train_worker-{step}"
@@ -267,7 +267,7 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
             continue  # the dataset started before the checkpoint (a checkpoint registered after it was built)
         if int(steps[0]) != step:
             raise RuntimeError(f"rank {rank}: expected step {step}, the data is at step {int(steps[0])}")
-        maybe_die(run_dir, step, rank, world)
+        maybe_die(run_dir, step + 1, rank, world)
         ok = np.asarray(rows["ok"], dtype=bool)
         bad = torch.tensor([float((~ok).sum()), float(len(ok))], device=device)
         if dist.is_initialized():
