@@ -1,0 +1,124 @@
+"""`perceive-ray train` from the command line: train -> MLflow loss curve -> eval of the trained model by run id;
+a training driver killed with SIGKILL and rerun with the same run id resumes (and ends where an uninterrupted run
+ends); bad input fails with exit 2 before any worker starts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.fixtures.mlflow_server import mlflow_server
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+ENV = os.environ | {"RAY_DISABLE_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "perceive_ray", *args]
+
+
+def run(workdir: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    done = subprocess.run(cli(*args), cwd=workdir, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    return done
+
+
+def test_train_then_eval_by_run_id_with_the_loss_curve_in_mlflow(tmp_path):
+    from mlflow import MlflowClient
+
+    with mlflow_server(tmp_path) as uri:
+        run(tmp_path, "train", str(REPO / "experiments/train/clip_negclip_lock.yaml"), "--smoke", "--run-id", "ft",
+            f"tracking.uri={uri}", "train.clip.lock_image=false", "train.optim.lr=1e-3")
+        state = json.loads((tmp_path / "runs/train/ft/tracking.json").read_text())
+        client = MlflowClient(uri)
+        mlrun = client.get_run(state["mlflow_run_id"])
+        assert mlrun.info.status == "FINISHED"
+        assert mlrun.data.params["train.batch.global"] == "8"  # the dotted keys of the resolved config
+        assert mlrun.data.params["train.loss.kind"] == "negclip"
+        curve = client.get_metric_history(mlrun.info.run_id, "train/loss")
+        assert sorted(m.step for m in curve) == [1, 2, 3, 4]
+        assert {"train/lr", "train/samples_per_s", "train/step_time_s"} <= set(mlrun.data.metrics)
+        assert mlrun.data.tags["export"].endswith("runs/train/ft/export")
+
+    eval_exp = str(REPO / "experiments/eval/clip_whatsup.yaml")
+    common = ["--smoke", "--no-track", "benchmarks=[{name: whatsup_controlled_a, root: synth/whatsup, limit: 4}]"]
+    run(tmp_path, "eval", eval_exp, *common, "--run-id", "trained", "model.source=train:ft")
+    run(tmp_path, "eval", eval_exp, *common, "--run-id", "untrained")
+
+    def scores(run_id: str) -> list[float]:
+        table = pq.read_table(tmp_path / "runs" / run_id / "whatsup_controlled_a" / "scores.parquet")
+        return table.sort_by([("item_id", "ascending"), ("image_index", "ascending"),
+                              ("text_index", "ascending")]).column("score").to_pylist()
+
+    trained, untrained = scores("trained"), scores("untrained")
+    assert len(trained) == len(untrained) == 16
+    assert trained != untrained
+    record = json.loads((tmp_path / "runs/trained/run_record.json").read_text())
+    assert "runs/train/ft/export" in json.dumps(record)
+
+
+def train_command(run_id: str) -> list[str]:
+    return cli("train", str(REPO / "experiments/train/pacl_rope.yaml"), "--smoke", "--no-track", "--run-id", run_id,
+               "train.max_steps=8", "train.epochs=2", "train.checkpoint.every_steps=2")
+
+
+def test_killed_driver_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    first_checkpoint = tmp_path / "runs/train/killed/ray/step_00000002"
+    process = subprocess.Popen(train_command("killed"), cwd=tmp_path, env=ENV, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "runs/train/killed/ray/checkpoint_manager_snapshot.json").exists() \
+                or not first_checkpoint.exists():
+            assert process.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started (its own session)
+        process.wait()
+    assert not (tmp_path / "runs/train/killed/result.json").exists(), "training finished before the kill"
+
+    resumed = subprocess.run(train_command("killed"), cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                             timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    output = resumed.stdout + resumed.stderr
+    assert "resuming in" in output and "resumed from checkpoint step_" in output
+    log = [json.loads(line) for line in (tmp_path / "runs/train/killed/train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 8
+    fresh = subprocess.run(train_command("fresh"), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=400)
+    assert fresh.returncode == 0, fresh.stderr[-4000:]
+    a = load_file(str(tmp_path / "runs/train/killed/export/head.safetensors"))
+    b = load_file(str(tmp_path / "runs/train/fresh/export/head.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # A finished run id is not trained again.
+    again = subprocess.run(train_command("killed"), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch.global=7", "train.batch.global"),
+    ("train.loss.kind=pacl", "train.loss.kind"),
+    ("train.optim.lrr=1", "train.optim.lrr"),
+    ("data.sources.0.path=missing.json", "missing.json"),
+])
+def test_bad_input_exits_2_before_any_worker(tmp_path, override, message):
+    done = subprocess.run(cli("train", str(REPO / "experiments/train/clip_negclip_lock.yaml"), "--smoke",
+                              "--no-track", "--run-id", "bad", override), cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs/train/bad/ray").exists()  # no trainer started
