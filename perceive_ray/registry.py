@@ -151,6 +151,7 @@ _ENTRIES: dict[str, dict[str, Any]] = {
     },
     "tiny": {
         "clip": TinyEntry("perceive_ray.models.clip:save_tiny_clip"),
+        "siglip": TinyEntry("perceive_ray.models.clip:save_tiny_siglip"),
         "llava": TinyEntry("perceive_ray.models.llava:save_tiny_llava"),
         "llava_phi3": TinyEntry("perceive_ray.models.llava:save_tiny_llava_phi3"),
         "llava_llama3": TinyEntry("perceive_ray.models.llava:save_tiny_llava_llama3"),

@@ -175,6 +175,11 @@ class TrainExperimentConfig(StrictModel):
         names = [s.name for s in self.data.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"data.sources: source names must be unique, got {names}")
+        ds = self.train.deepspeed
+        if ds.offload_optimizer and ds.zero_stage < 1:
+            raise ValueError("train.deepspeed.offload_optimizer: needs zero_stage >= 1")
+        if ds.offload_param and ds.zero_stage != 3:
+            raise ValueError("train.deepspeed.offload_param: needs zero_stage 3")
         compute_accumulation(self)  # raises on a global batch that does not split
         return self
 

@@ -258,3 +258,13 @@ def save_tiny_clip(path: str | Path, *, seed: int = 0, image_size: int = 32) -> 
     from perceive_ray.models.tiny import save_clip
 
     return save_clip(path, seed=seed, image_size=image_size, embed_dim=32, **TINY_CLIP_SIZES)
+def save_tiny_siglip(path: str | Path, *, seed: int = 0, image_size: int = 32) -> Path:
+    """The tiny CLIP with SigLIP's learned logit bias (init -10) and logit scale (init ln 10): a model the SigLIP
+    loss can train (the sigmoid loss needs ``logit_bias``), with the built-in BPE tokenizer (no hub download)."""
+    from perceive_ray.models.tiny import save_clip_config
+
+    cfg = tiny_clip_config(image_size=image_size)
+    cfg.update({"init_logit_bias": -10.0, "init_logit_scale": math.log(10.0)})
+    return save_clip_config(path, cfg, seed=seed)
+
+

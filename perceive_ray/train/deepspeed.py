@@ -34,7 +34,7 @@ def build_deepspeed_config(config: TrainExperimentConfig, *, use_gpu: bool | Non
             "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
                        "weight_decay": optim.weight_decay, "torch_adam": True},
         },
-        "zero_optimization": build_zero_section(config),
+        "zero_optimization": build_zero_section(config, use_gpu=use_gpu),
         "steps_per_print": 10**9,  # progress is ours (rank 0, every train.log_every_steps)
         "wall_clock_breakdown": False,
     }
@@ -42,16 +42,22 @@ def build_deepspeed_config(config: TrainExperimentConfig, *, use_gpu: bool | Non
         out["optimizer"]["params"]["adam_w_mode"] = False
     if precision == "bf16":
         out["bf16"] = {"enabled": True}
-    if ds.grad_clip is not None:
-        out["gradient_clipping"] = ds.grad_clip
+    # Always written: DeepSpeed clips at 1.0 when the key is absent (GRADIENT_CLIPPING_DEFAULT); 0.0 turns it off.
+    out["gradient_clipping"] = ds.grad_clip if ds.grad_clip is not None else 0.0
     if ds.offload_optimizer or ds.offload_param:
         # A client-side torch optimiser on offloaded states is refused by DeepSpeed unless allowed explicitly.
         out["zero_force_ds_cpu_optimizer"] = False
     return out
 
 
-def build_zero_section(config: TrainExperimentConfig) -> dict[str, Any]:
+def build_zero_section(config: TrainExperimentConfig, *, use_gpu: bool | None = None) -> dict[str, Any]:
     ds = config.train.deepspeed
+    use_gpu = config.resources.use_gpu if use_gpu is None else use_gpu
+    # Checked before the stage-0 return (the schema refuses these too): an offload is never dropped silently.
+    if ds.offload_optimizer and ds.zero_stage < 1:
+        raise ValueError("train.deepspeed.offload_optimizer needs zero_stage >= 1")
+    if ds.offload_param and ds.zero_stage != 3:
+        raise ValueError("train.deepspeed.offload_param needs zero_stage 3")
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage == 0:
         return zero
@@ -64,11 +70,7 @@ def build_zero_section(config: TrainExperimentConfig) -> dict[str, Any]:
         if ds.stage3_param_persistence_threshold is not None:
             zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
     if ds.offload_optimizer:
-        if ds.zero_stage < 1:
-            raise ValueError("train.deepspeed.offload_optimizer needs zero_stage >= 1")
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": config.resources.use_gpu}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.offload_param:
-        if ds.zero_stage != 3:
-            raise ValueError("train.deepspeed.offload_param needs zero_stage 3")
-        zero["offload_param"] = {"device": "cpu", "pin_memory": config.resources.use_gpu}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
     return zero

@@ -13,7 +13,8 @@ The parameter gradient is then exactly the full-batch gradient. With DeepSpeed, 
 equals the number of chunks and every chunk's surrogate goes through ``engine.backward(x, scale_wrt_gas=False)``
 (no 1/chunks scaling: the surrogates already sum to the full gradient) and ``engine.step()``, which steps the
 optimiser only at the last chunk (no ``no_sync``: it asserts under ZeRO-2/3). 0-dim representations (CLIP's
-``logit_scale``) are shared by all chunks: their gradient is applied once, through the first chunk.
+``logit_scale``) are shared by all chunks: their gradient is applied once, through the first chunk (the other
+chunks backpropagate a zero gradient to them, so that every chunk's backward reaches every parameter).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def run_step(
         loss, logs = compute_loss(engine(batches[0]))
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()
-        return loss.detach(), logs
+        return loss.detach(), {k: v.detach() for k, v in logs.items()}
     cached = []
     with torch.no_grad():
         for batch, seed in zip(batches, seeds, strict=True):
@@ -75,9 +76,10 @@ def run_step(
         for key, grad in grads.items():
             value = reps[key]
             if value.ndim == 0:
-                if index != 0:
-                    continue
-                part = grad
+                # The whole gradient through the first chunk and a zero one through the others: every chunk's
+                # backward must reach the parameter (DeepSpeed's CPU-offloaded accumulation drops the gradient of a
+                # parameter that the boundary chunk's backward does not reach).
+                part = grad if index == 0 else torch.zeros_like(grad)
             else:
                 rows = value.shape[0]
                 part = grad[offsets[key]: offsets[key] + rows]
