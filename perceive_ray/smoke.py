@@ -71,6 +71,12 @@ def prepare_smoke(config: ExperimentConfig) -> list[str]:
         if not target.exists():
             registry.resolve("tiny", name)(target, seed=SMOKE_SEED)
             made.append(f"tiny model {name} in {target}")
+    store = getattr(getattr(config, "data", None), "text_embeddings", None)
+    if store is not None and tiny_name(store) and not Path(store).exists():
+        from perceive_ray.training import build_text_embedding_store
+
+        count = build_text_embedding_store(config, store)
+        made.append(f"text embedding store of {count} captions in {store}")
     for line in made:
         print(f"smoke: prepared {line}", file=sys.stderr)
     return made

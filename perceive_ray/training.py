@@ -129,6 +129,49 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def candidate_captions(config: TrainExperimentConfig, samples: list[Any]) -> list[str]:
+    """Every caption the data pipeline can draw (no augmentation): all gpt turns, or the first of each sample."""
+    if config.data.caption_turn == "first":
+        texts = {s.gpt_turns[0] for s in samples if s.gpt_turns}
+    else:
+        texts = {turn for s in samples for turn in s.gpt_turns}
+    return sorted(texts)
+
+
+def check_text_embeddings(config: TrainExperimentConfig, samples: list[Any]) -> None:
+    """The precomputed LLM text vectors (``data.text_embeddings``) must exist and cover every drawable caption."""
+    if config.data.text_embeddings is None:
+        return
+    from perceive_ray.models.text_embeddings import TextEmbeddingError, TextEmbeddingStore, preview_text
+
+    try:
+        store = TextEmbeddingStore(config.data.text_embeddings)
+    except TextEmbeddingError as exc:
+        raise ConfigError(f"data.text_embeddings: {exc}") from None
+    missing = [text for text in candidate_captions(config, samples) if text not in store]
+    if missing:
+        shown = ", ".join(preview_text(t) for t in missing[:3])
+        raise ConfigError(f"data.text_embeddings: {config.data.text_embeddings} lacks {len(missing)} of the captions "
+                          f"training can draw (data.caption_turn: {config.data.caption_turn}), e.g. {shown}")
+
+
+def build_text_embedding_store(config: TrainExperimentConfig, directory: str | Path) -> int:
+    """Encode every drawable caption with the model's own LLM2Vec text encoder into a store at ``directory``.
+
+    In-process: right for smoke data and small sets. At LLaVA scale (1.2M captions through an 8B LLM) the same
+    layout is meant to be written by a Ray Data job over GPUs, which does not exist yet.
+    """
+    from perceive_ray.models.llm2clip import load_llm2clip
+    from perceive_ray.models.text_embeddings import write_text_embeddings
+
+    samples, _ = load_samples(config)
+    texts = candidate_captions(config, samples)
+    bundle = load_llm2clip(config.model, device="cpu")
+    vectors = bundle.encode_llm(texts).float().numpy()
+    write_text_embeddings(directory, texts, vectors, meta=bundle.text_meta)
+    return len(texts)
+
+
 def check_chunker(config: TrainExperimentConfig) -> None:
     if config.data.pacl_augment:
         from perceive_ray.data.llava_data import load_spacy_chunker
@@ -166,6 +209,7 @@ def prepare_training(config: TrainExperimentConfig, *, run_id: str | None = None
         finished = (run_dir / RESULT_FILE).is_file()
         return PreparedRun(config, run_id, run_dir, plan, spec, deepspeed, resumed=True, finished=finished)
     samples, summary = load_samples(config)
+    check_text_embeddings(config, samples)
     plan = build_plan(config, len(samples))
     from perceive_ray.data.llava_data import write_sample_table
     from perceive_ray.tracking.run_record import build_run_record

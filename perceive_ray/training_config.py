@@ -170,6 +170,9 @@ class TrainExperimentConfig(StrictModel):
             raise ValueError("train.heads.kind: pacl_llm_text runs on the llm2clip family, the other heads on clip")
         if self.train.heads.kind == "pacl_llm_text" and self.job == "heads" and self.data.text_embeddings is None:
             raise ValueError("data.text_embeddings: pacl_llm_text heads need precomputed LLM text embeddings")
+        if self.train.heads.kind == "pacl_llm_text" and self.job == "heads" and self.data.pacl_augment:
+            raise ValueError("data.pacl_augment: the LLM-text head reads precomputed text vectors, which cannot cover "
+                             "captions drawn at training time; set data.pacl_augment: false")
         if self.data.pacl_augment and self.job != "heads":
             raise ValueError("data.pacl_augment: the PACL caption augmentation belongs to the heads job")
         names = [s.name for s in self.data.sources]

@@ -112,6 +112,36 @@ def test_heads_train_under_zero2_and_store_their_spec(workdir, kind):
         assert "train/local_loss" in log[-1] and "train/global_loss" in log[-1]
 
 
+def test_siglip_with_negatives_trains_its_logit_bias(workdir):
+    from perceive_ray.smoke import prepare_smoke
+
+    experiment = REPO / "experiments/train/siglip_negatives.yaml"
+    os.chdir(workdir)
+    prepare_smoke(load_config(experiment, smoke=True))  # the tiny CLIP with a learned logit_bias
+    result, _, log = train(workdir, experiment, "siglip", **REPEAT, **{"train.optim.lr": 5e-4})
+    losses = epoch_losses(log)
+    assert losses[-1] < losses[0], losses
+    before = load_file(str(workdir / "runs/tiny/siglip/open_clip_model.safetensors"))
+    after = load_file(str(Path(result["export"]) / "open_clip_model.safetensors"))
+    assert not torch.equal(before["logit_bias"], after["logit_bias"])
+
+
+def test_llm_text_head_trains_on_a_precomputed_store(workdir):
+    """§5.5: LLM2CLIP patches + LLM2Vec vectors from a store (built by --smoke over the synthetic captions)."""
+    from perceive_ray.models.heads.pacl import load_head_file
+    from perceive_ray.smoke import prepare_smoke
+
+    experiment = REPO / "experiments/train/pacl_llm_text.yaml"
+    os.chdir(workdir)
+    prepare_smoke(load_config(experiment, smoke=True))
+    assert (workdir / "runs/tiny/pacl_llm_text/text_embeddings/manifest.json").is_file()
+    result, _, log = train(workdir, experiment, "llm_text", **REPEAT)
+    losses = epoch_losses(log)
+    assert losses[-1] < losses[0], losses
+    _, spec = load_head_file(Path(result["export"]) / "head.safetensors")
+    assert spec.kind == "pacl" and spec.rope
+
+
 def test_killed_worker_resumes_to_the_uninterrupted_parameters(workdir, monkeypatch):
     """Rank 1 dies before step 6 (checkpoints every 2 steps); the restarted group ends where an uninterrupted run does.
 

@@ -31,17 +31,16 @@ from perceive_ray.training_config import TrainExperimentConfig
 
 HEAD_FILE = "head.safetensors"
 ENCODER_FILE = "encoder.json"
-LLM2CLIP_IMAGE_SIZE = 336  # LLM2CLIP's ViT-L/14-336 (the tiny LLM2CLIP's size is read from its sidecar)
+LLM2CLIP_IMAGE_SIZE = 336  # LLM2CLIP's ViT-L/14-336 (a tiny LLM2CLIP's size is read from its vision config)
 
 
 def image_size(config: TrainExperimentConfig) -> tuple[int, int]:
     """The frozen encoder's input size, read without loading weights."""
     if config.model.family == "llm2clip":
-        from perceive_ray.models.llm2clip import read_sidecar
-
-        sidecar = read_sidecar(config.model.source) or {}
-        size = int((sidecar.get("vision_config") or {}).get("image_size", LLM2CLIP_IMAGE_SIZE))
-        return size, size
+        # A tiny LLM2CLIP directory keeps its vision tower's transformers config in vision/config.json.
+        vision = Path(config.model.source).expanduser() / "vision" / "config.json"
+        size = json.loads(vision.read_text())["image_size"] if vision.is_file() else LLM2CLIP_IMAGE_SIZE
+        return int(size), int(size)
     from perceive_ray.train.jobs.clip_finetune import resolve_model_cfg
 
     size = resolve_model_cfg(config.model)[0]["vision_cfg"].get("image_size", 224)
