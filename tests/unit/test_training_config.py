@@ -203,7 +203,10 @@ def test_pacl_llm_text_needs_text_embeddings():
     overrides = ["train.heads.kind=pacl_llm_text", "model.family=llm2clip"]
     message = config_error(overrides, HEADS)
     assert "data.text_embeddings: pacl_llm_text heads need precomputed LLM text embeddings" in message
-    config = load(HEADS, [*overrides, "data.text_embeddings=runs/emb/text.pt"])
+    with_store = [*overrides, "data.text_embeddings=runs/emb/text.pt"]
+    # the heads base augments captions; precomputed vectors cannot cover captions drawn at training time
+    assert "data.pacl_augment: the LLM-text head reads precomputed text vectors" in config_error(with_store, HEADS)
+    config = load(HEADS, [*with_store, "data.pacl_augment=false"])
     assert config.data.text_embeddings == Path("runs/emb/text.pt")
     assert resolve_loss_kind(config) == "pacl"
 
