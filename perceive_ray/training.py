@@ -107,6 +107,7 @@ def job_data_spec(config: TrainExperimentConfig) -> Any:
 def load_samples(config: TrainExperimentConfig) -> tuple[list[Any], dict[str, Any]]:
     """Read and check every data source (errors name the file and row) -> image samples + a summary."""
     from perceive_ray.data import llava_data
+    from perceive_ray.data.sources import sha256_file
 
     samples, summary = [], {}
     for source in config.data.sources:
@@ -114,19 +115,11 @@ def load_samples(config: TrainExperimentConfig) -> tuple[list[Any], dict[str, An
                                               fmt=source.format, limit=source.limit)
         images, _ = llava_data.drop_text_only(loaded)  # §5.1: samples without an image are dropped
         summary[source.name] = {"path": str(source.path), "rows": len(loaded), "image_rows": len(images),
-                                "text_only_dropped": len(loaded) - len(images), "sha256": file_sha256(source.path)}
+                                "text_only_dropped": len(loaded) - len(images), "sha256": sha256_file(source.path)}
         samples.extend(images)
     if not samples:
         raise ConfigError("data.sources: no image samples to train on")
     return samples, summary
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def candidate_captions(config: TrainExperimentConfig, samples: list[Any]) -> list[str]:

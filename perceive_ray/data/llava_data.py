@@ -613,7 +613,7 @@ def _hw(size: Size) -> tuple[int, int]:
     return height, width
 
 
-def _random_resized_crop_params(
+def random_resized_crop_params(
     width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator
 ) -> tuple[int, int, int, int]:
     """torchvision ``RandomResizedCrop.get_params``, call for call, drawing from ``generator``."""
@@ -660,7 +660,7 @@ class ClipTrainTransform:
         from torchvision.transforms import InterpolationMode
 
         width, height = image.size
-        i, j, h, w = _random_resized_crop_params(width, height, self.scale, self.ratio, generator)
+        i, j, h, w = random_resized_crop_params(width, height, self.scale, self.ratio, generator)
         crop = F.resized_crop(image, i, j, h, w, list(self.size), InterpolationMode.BICUBIC, antialias=True)
         return F.normalize(F.to_tensor(crop.convert("RGB")), list(self.mean), list(self.std))
 

@@ -86,28 +86,10 @@ class SeededRandomResizedCrop:
         self.normalize = Normalize(mean=list(mean), std=list(std))
 
     def get_params(self, image: Image.Image, generator: torch.Generator) -> tuple[int, int, int, int]:
+        from perceive_ray.data.llava_data import random_resized_crop_params  # the one seeded implementation
+
         width, height = image.size
-        area = height * width
-        log_ratio = torch.log(torch.tensor(self.ratio))
-        for _ in range(10):
-            target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1], generator=generator).item()
-            aspect = torch.exp(
-                torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]), generator=generator)
-            ).item()
-            w = int(round(math.sqrt(target_area * aspect)))
-            h = int(round(math.sqrt(target_area / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                i = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
-                j = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
-                return i, j, h, w
-        in_ratio = float(width) / float(height)  # fallback: central crop within the ratio bounds
-        if in_ratio < min(self.ratio):
-            w, h = width, int(round(width / min(self.ratio)))
-        elif in_ratio > max(self.ratio):
-            w, h = int(round(height * max(self.ratio))), height
-        else:
-            w, h = width, height
-        return (height - h) // 2, (width - w) // 2, h, w
+        return random_resized_crop_params(width, height, self.scale, self.ratio, generator)
 
     def __call__(self, image: Image.Image, generator: torch.Generator | int) -> torch.Tensor:
         """(3, H, W) float tensor for one RGB PIL image; ``generator`` may be a seed."""
