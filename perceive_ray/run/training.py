@@ -18,6 +18,7 @@ EVERY rank saves (frozen parameters excluded) and reports; the last one carries 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -50,6 +51,7 @@ from perceive_ray.training_config import TrainExperimentConfig
 
 FAULT_ENV = "PERCEIVE_RAY_FAULT"  # "train_worker:<K>": the last rank dies once, just before step K (1-based) runs
 CLIENT_STATE = "perceive_ray"
+READ_CPUS = 1.0  # what a Ray Data read task requests
 LOG_FILE = "train_log.jsonl"  # rank 0's logged metrics, one JSON line per logged step (run directory)
 
 
@@ -227,7 +229,8 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if world != plan.world_size:
         raise RuntimeError(f"planned for {plan.world_size} workers, running on {world}")
-    torch.set_num_threads(max(1, int(config.resources.cpus_per_worker)))
+    # The worker's CPU share rounded up (a fractional share still gets a thread), at most this node's cores.
+    torch.set_num_threads(max(1, min(math.ceil(config.resources.cpus_per_worker), os.cpu_count() or 1)))
     device = torch.device(f"cuda:{ctx.get_local_rank()}") if config.resources.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -326,15 +329,19 @@ def check_cluster_cpus(config: TrainExperimentConfig) -> None:
     """Workers must leave CPU for the decode tasks: a pipeline with no CPU left waits forever, silently."""
     res = config.resources
     total = float(ray.cluster_resources().get("CPU", 0.0))
-    needed = res.num_workers * res.cpus_per_worker + config.data.decode_cpus
+    # Ray Data's read step (the row ids) asks for one whole CPU per task; decode tasks for data.decode_cpus.
+    data_cpus = max(READ_CPUS, config.data.decode_cpus)
+    needed = res.num_workers * res.cpus_per_worker + data_cpus
     if needed > total + 1e-9:
         raise ConfigError(
             f"resources: {res.num_workers} workers x {res.cpus_per_worker} CPUs (resources.cpus_per_worker) + "
-            f"{config.data.decode_cpus} CPUs for image decoding (data.decode_cpus) need {needed:g} CPUs; the Ray "
-            f"cluster has {total:g}. Lower resources.cpus_per_worker (fractions are fine) or add CPUs")
+            f"{data_cpus:g} CPU left for the data pipeline (its read step takes 1 CPU; decoding "
+            f"data.decode_cpus={config.data.decode_cpus}) need {needed:g} CPUs; the Ray cluster has {total:g}. "
+            "Lower resources.cpus_per_worker (fractions are fine) or add CPUs")
 
 
 def build_trainer(prepared: PreparedRun, tracking: dict[str, Any]) -> Any:
+    from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -360,7 +367,9 @@ def build_trainer(prepared: PreparedRun, tracking: dict[str, Any]) -> Any:
             worker_runtime_env={"env_vars": env},
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),
+        # Each rank reads its own dataset whole, in order: one batch = one step. Ray Train applies these options to
+        # the datasets' execution (they override what the dataset's own context says).
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
 
 

@@ -34,7 +34,9 @@ def test_quick_run_prints_the_ratio_lines(tmp_path):
     runs = data["runs"]
     assert set(runs) == {"ray_z2", "plain", "ray_full"}
     # the two arms did the same work: same samples, same initial weights, same loss at every step
-    ray_losses, plain_losses = dict(runs["ray_z2"]["losses"]), dict(runs["plain"]["losses"])
+    ray, plain = runs["ray_z2"][0], runs["plain"][0]
+    ray_losses, plain_losses = dict(ray["losses"]), dict(plain["losses"])
     assert sorted(ray_losses) == sorted(plain_losses) == list(range(1, 7))
     assert all(abs(ray_losses[s] - plain_losses[s]) < 1e-4 for s in ray_losses)
-    assert runs["ray_z2"]["steady"]["steps_per_s"] > 0 and runs["plain"]["steady"]["steps_per_s"] > 0
+    assert ray["steady"]["steps_per_s"] > 0 and plain["steady"]["steps_per_s"] > 0
+    assert runs["ray_full"][0]["checkpoint"]["bytes"] > ray["checkpoint"]["bytes"] > 0

@@ -113,6 +113,7 @@ def test_killed_driver_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     ("train.loss.kind=pacl", "train.loss.kind"),
     ("train.optim.lrr=1", "train.optim.lrr"),
     ("data.sources.0.path=missing.json", "missing.json"),
+    ("resources.cpus_per_worker=64", "resources.cpus_per_worker"),  # checked against the started Ray's CPUs
 ])
 def test_bad_input_exits_2_before_any_worker(tmp_path, override, message):
     done = subprocess.run(cli("train", str(REPO / "experiments/train/clip_negclip_lock.yaml"), "--smoke",
