@@ -1,5 +1,6 @@
-"""Every experiment's smoke block runs ON ITS OWN BENCHMARKS (synthetic data in their real formats): the same file
-that targets a GPU cluster runs here on tiny models."""
+"""Every evaluation experiment's smoke block runs ON ITS OWN BENCHMARKS (synthetic data in their real formats): the
+same file that targets a GPU cluster runs here on tiny models. (Training experiments' smoke blocks train in
+tests/ray/test_training.py and tests/e2e/test_train_cli.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from perceive_ray.config import load_config
 from perceive_ray.data.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[2]
-EXPERIMENTS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if "_base" not in p.parts)
+EXPERIMENTS = sorted((REPO / "experiments" / "eval").rglob("*.yaml"))
 TINY_PREFIX = "runs/tiny/"
 
 

@@ -318,3 +318,12 @@ def test_record_overrides_round_trip_through_apply_overrides():
     raw = apply_overrides(load_raw(NEGCLIP), {"train.batch.global": 256})
     config = validate(raw, source="raw")
     assert config.train.batch.global_ == 256 and compute_accumulation(config) == (64, 2)
+
+
+@pytest.mark.parametrize("experiment", sorted((REPO / "experiments" / "train").glob("*.yaml")), ids=lambda p: p.stem)
+def test_training_smoke_blocks_train_tiny_models_on_synthetic_data_on_cpu(experiment):
+    config = load_config(experiment, smoke=True)
+    assert config.model.source.startswith("runs/tiny/"), experiment
+    assert all(str(s.path).startswith("synth/") and str(s.image_root).startswith("synth/")
+               for s in config.data.sources), experiment
+    assert not config.resources.use_gpu and config.train.max_steps is not None
