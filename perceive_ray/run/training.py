@@ -119,10 +119,9 @@ class RankDataset:
         self.spec["transform"]["size"] = list(spec.transform.size)
 
     def __call__(self) -> ray.data.Dataset:
-        # Runs in Ray Train's controller: a dataset takes the context current at its creation, so set it here.
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True  # one step per batch, in step order
-        context.enable_progress_bars = False  # rank 0 prints step / loss / samples/s / ETA instead
+        # Runs in Ray Train's controller. Order comes from build_trainer's DataConfig (Ray Train replaces the
+        # dataset's own execution options); progress bars are off because rank 0 prints step / loss / ETA instead.
+        ray.data.DataContext.get_current().enable_progress_bars = False
         start = latest_checkpoint_step(Path(self.run_dir))
         rows = max(0, (self.plan["total_steps"] - start) * self.plan["local_rows"])
         fn = partial(decode_rows, run_dir=self.run_dir, plan=self.plan, rank=self.rank, start=start,

@@ -123,3 +123,15 @@ def test_bad_input_exits_2_before_any_worker(tmp_path, override, message):
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "runs/train/bad/ray").exists()  # no trainer started
+
+
+def test_unreachable_tracking_server_exits_2_before_ray(tmp_path):
+    from tests.fixtures.mlflow_server import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    done = subprocess.run(cli("train", str(REPO / "experiments/train/clip_negclip_lock.yaml"), "--smoke", "--run-id",
+                              "offline", f"tracking.uri={uri}", "tracking.timeout_s=2", "tracking.max_retries=0"),
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert uri in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs/train/offline/ray").exists()  # checked before Ray or any worker started
