@@ -79,6 +79,17 @@ def _check_files(config, *, smoke: bool) -> None:
         print(f"    --smoke prepares {', '.join(skip)} when missing", file=sys.stderr)
 
 
+def _local_path(value: str) -> bool:
+    """A local path (to check), not a hub id: absolute, ./ or ../, or a first component that exists here."""
+    import re
+
+    if Path(value).is_absolute() or value.startswith(("./", "../")):
+        return True
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", value) and not Path(value.split("/", 1)[0]).exists():
+        return False  # owner/name on the Hugging Face hub
+    return "/" in value
+
+
 def _check_train_files(config, *, smoke: bool) -> None:
     """A training experiment's files: model source and data sources (what --smoke prepares is skipped)."""
     from perceive_ray.smoke import preparable
@@ -93,8 +104,11 @@ def _check_train_files(config, *, smoke: bool) -> None:
             if not skipped(Path(path)) and not Path(path).exists():
                 raise CliError(f"data.sources.{index}.{key}: {path} does not exist")
     source = Path(config.model.source)
-    if not skipped(source) and (source.is_absolute() or "/" in config.model.source) and not source.exists():
+    if not skipped(source) and _local_path(config.model.source) and not source.exists():
         raise CliError(f"model.source: {source} does not exist")
+    tower = config.train.llava.vision_tower if config.job == "llava" else None
+    if tower and _local_path(tower) and not skipped(Path(tower)) and not Path(tower).exists():
+        raise CliError(f"train.llava.vision_tower: {tower} does not exist")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

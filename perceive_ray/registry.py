@@ -148,6 +148,10 @@ _ENTRIES: dict[str, dict[str, Any]] = {
         "clip_finetune": JobEntry("perceive_ray.train.jobs.clip_finetune:build_job"),
         # PACL / PACL+RoPE / SPARC(+RoPE) / LLM-text PACL heads on a frozen encoder (PROTOCOLS §5.2-5.5)
         "heads": JobEntry("perceive_ray.train.jobs.heads:build_job"),
+        # LLaVA-1.5 stage 1 (projector) / stage 2 (LoRA), patch or cls features (PROTOCOLS §5.7, TRAINING.md §3)
+        "llava": JobEntry("perceive_ray.train.jobs.llava:build_job"),
+        # LLaVA-1.5 -> contrastive embedder: DoRA + InfoNCE over the global batch with GradCache (PROTOCOLS §5.6)
+        "vlm2vec": JobEntry("perceive_ray.train.jobs.vlm2vec:build_job"),
     },
     "tiny": {
         "clip": TinyEntry("perceive_ray.models.clip:save_tiny_clip"),
@@ -156,6 +160,7 @@ _ENTRIES: dict[str, dict[str, Any]] = {
         "llava_phi3": TinyEntry("perceive_ray.models.llava:save_tiny_llava_phi3"),
         "llava_llama3": TinyEntry("perceive_ray.models.llava:save_tiny_llava_llama3"),
         "llava_cls": TinyEntry("perceive_ray.models.llava:save_tiny_llava_cls"),
+        "llava_parts": TinyEntry("perceive_ray.models.llava:save_tiny_llava_parts"),
         "vlm2vec": TinyEntry("perceive_ray.models.vlm2vec:save_tiny_vlm2vec"),
         "llm2clip": TinyEntry("perceive_ray.models.llm2clip:save_tiny_llm2clip"),
         "pacl": TinyEntry("perceive_ray.models.heads.tiny:save_tiny_pacl"),

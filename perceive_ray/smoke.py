@@ -42,6 +42,8 @@ def smoke_paths(config: ExperimentConfig) -> dict[str, list[str]]:
         roots = [p for s in config.data.sources for p in (s.path, s.image_root)]
         if config.data.text_embeddings is not None:
             values.append(config.data.text_embeddings)
+        if config.job == "llava" and config.train.llava.vision_tower:
+            values.append(config.train.llava.vision_tower)
     else:
         roots = [b.root for b in config.benchmarks]
         options = registry.resolve_options(config.scorer.name)

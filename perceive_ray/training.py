@@ -13,6 +13,7 @@ checkpoints ``step_XXXXXXXX`` and the checkpoint manager's snapshot; rerunning t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -30,6 +31,7 @@ from perceive_ray.training_config import TrainExperimentConfig, compute_accumula
 
 TRAIN_DIR = "train"
 SAMPLES_FILE = "samples.arrow"
+LENGTHS_FILE = "modality_lengths.npy"  # signed word counts (image > 0, text-only < 0): the modality-length order
 DEEPSPEED_FILE = "deepspeed.json"
 RESULT_FILE = "result.json"
 EXPORT_DIR = "export"
@@ -80,14 +82,27 @@ def absolute_paths(config: TrainExperimentConfig) -> TrainExperimentConfig:
     sources = [s.model_copy(update={"path": absolute(s.path), "image_root": absolute(s.image_root)})
                for s in config.data.sources]
     data = config.data.model_copy(update={"sources": sources, "text_embeddings": absolute(config.data.text_embeddings)})
-    return config.model_copy(update={"model": model, "data": data, "output_dir": absolute(config.output_dir)})
+    train = config.train
+    tower = train.llava.vision_tower
+    if tower and Path(tower).expanduser().exists():
+        train = train.model_copy(update={"llava": train.llava.model_copy(update={"vision_tower": str(absolute(tower))})})
+    return config.model_copy(update={"model": model, "data": data, "output_dir": absolute(config.output_dir),
+                                     "train": train})
 
 
-def build_plan(config: TrainExperimentConfig, num_samples: int) -> TrainPlan:
+def build_plan(config: TrainExperimentConfig, num_samples: int, lengths: Any = None) -> TrainPlan:
+    """Steps per epoch: full global batches of the epoch order (with ``lengths``: full single-modality mega-batches,
+    as LLaVA's group_by_modality_length forms them; the partial ones are dropped)."""
+    import numpy as np
+
     from perceive_ray.data.llava_data import steps_per_epoch
 
     global_batch = config.train.batch.global_
-    per_epoch = steps_per_epoch(num_samples, global_batch)
+    if lengths is None:
+        per_epoch = steps_per_epoch(num_samples, global_batch)
+    else:
+        lengths = np.asarray(lengths)
+        per_epoch = int((lengths > 0).sum()) // global_batch + int((lengths < 0).sum()) // global_batch
     if per_epoch == 0:
         raise ConfigError(f"train.batch.global: {global_batch} is larger than the {num_samples} training samples "
                           "(data.sources); no full step fits in an epoch")
@@ -104,8 +119,10 @@ def job_data_spec(config: TrainExperimentConfig) -> Any:
     return registry.load_target(f"{module}:data_spec")(config)
 
 
-def load_samples(config: TrainExperimentConfig) -> tuple[list[Any], dict[str, Any]]:
-    """Read and check every data source (errors name the file and row) -> image samples + a summary."""
+def load_samples(config: TrainExperimentConfig, *, keep_text_only: bool = False) -> tuple[list[Any], dict[str, Any]]:
+    """Read and check every data source (errors name the file and row) -> samples + a summary.
+
+    Text-only rows are dropped (§5.1) unless ``keep_text_only`` (LLaVA stage 2 and VLM2Vec train on them)."""
     from perceive_ray.data import llava_data
     from perceive_ray.data.sources import sha256_file
 
@@ -113,12 +130,13 @@ def load_samples(config: TrainExperimentConfig) -> tuple[list[Any], dict[str, An
     for source in config.data.sources:
         loaded = llava_data.load_llava_source(source.path, source.image_root, source_name=source.name,
                                               fmt=source.format, limit=source.limit)
-        images, _ = llava_data.drop_text_only(loaded)  # §5.1: samples without an image are dropped
-        summary[source.name] = {"path": str(source.path), "rows": len(loaded), "image_rows": len(images),
+        images = loaded if keep_text_only else llava_data.drop_text_only(loaded)[0]
+        summary[source.name] = {"path": str(source.path), "rows": len(loaded),
+                                "image_rows": sum(1 for s in images if s.image is not None),
                                 "text_only_dropped": len(loaded) - len(images), "sha256": sha256_file(source.path)}
         samples.extend(images)
     if not samples:
-        raise ConfigError("data.sources: no image samples to train on")
+        raise ConfigError("data.sources: no samples to train on")
     return samples, summary
 
 
@@ -165,6 +183,56 @@ def build_text_embedding_store(config: TrainExperimentConfig, directory: str | P
     return len(texts)
 
 
+def modality_lengths(samples: list[Any]) -> Any:
+    """LLaVA's modality lengths (whitespace words; > 0 image rows, < 0 text-only rows), int64."""
+    import numpy as np
+
+    from perceive_ray.train.llava_labels import modality_length
+
+    return np.asarray([modality_length(s.human_turns, s.gpt_turns, has_image=s.image is not None) for s in samples],
+                      dtype=np.int64)
+
+
+def check_job_samples(config: TrainExperimentConfig, samples: list[Any]) -> None:
+    """The job's own per-sample check before anything starts (LLaVA: every sample labels exactly; VLM2Vec:
+    every sample yields a query and a target). A job module without ``check_samples`` checks nothing more."""
+    import importlib
+
+    module = importlib.import_module(registry.resolve("jobs", config.job).__module__)
+    check = getattr(module, "check_samples", None)
+    if check is not None:
+        check(config, samples)
+
+
+def step_rows(plan: dict[str, int], *, order: str, lengths_path: str | None, seed: int, epoch: int, step: int,
+              rank: int) -> Any:
+    """Sample indices of rank ``rank`` at (epoch, step within the epoch): its contiguous slice of the global batch.
+
+    ``random``: the counter-based epoch order (``llava_data.rank_rows``). ``modality_length``: mega-batch ``step`` of
+    ``modality_length_groups`` (single-modality, length-balanced over contiguous rank slices)."""
+    from perceive_ray.data import llava_data
+
+    if order == "random":
+        return llava_data.rank_rows(plan["num_samples"], seed=seed, epoch=epoch, step=step,
+                                    global_batch=plan["global_batch"], world_size=plan["world_size"], rank=rank)
+    groups = _modality_groups(str(lengths_path), plan["global_batch"], seed, epoch)
+    per_rank = plan["global_batch"] // plan["world_size"]
+    block = groups[step]
+    if len(block) != plan["global_batch"]:
+        raise RuntimeError(f"modality mega-batch {step} of epoch {epoch} has {len(block)} rows, not "
+                           f"{plan['global_batch']}")
+    return block[rank * per_rank:(rank + 1) * per_rank]
+
+
+@functools.lru_cache(maxsize=4)
+def _modality_groups(lengths_path: str, global_batch: int, seed: int, epoch: int) -> list[Any]:
+    import numpy as np
+
+    from perceive_ray.train.llava_labels import modality_length_groups
+
+    return modality_length_groups(np.load(lengths_path), global_batch=global_batch, seed=seed, epoch=epoch)
+
+
 def check_chunker(config: TrainExperimentConfig) -> None:
     if config.data.pacl_augment:
         from perceive_ray.data.llava_data import load_spacy_chunker
@@ -194,26 +262,31 @@ def prepare_training(config: TrainExperimentConfig, *, run_id: str | None = None
         raise RunMismatchError(f"run directory {run_dir} was trained with another configuration (config hash "
                                f"{stored.get('config_hash')} vs {chash}); resuming would mix them: pick another "
                                "--run-id (diff its config.yaml against yours)")
-    spec = job_data_spec(config)
+    spec = job_data_spec(absolute_paths(config))
     check_chunker(config)
     deepspeed = build_deepspeed_config(config)
     if stored is not None and (run_dir / SAMPLES_FILE).is_file():
         plan = TrainPlan(**stored["plan"])
         finished = (run_dir / RESULT_FILE).is_file()
         return PreparedRun(config, run_id, run_dir, plan, spec, deepspeed, resumed=True, finished=finished)
-    samples, summary = load_samples(config)
+    samples, summary = load_samples(config, keep_text_only=spec.keep_text_only)
     check_text_embeddings(config, samples)
-    plan = build_plan(config, len(samples))
+    check_job_samples(config, samples)
+    lengths = modality_lengths(samples) if spec.order == "modality_length" else None
+    plan = build_plan(config, len(samples), lengths)
+    import numpy as np
+
     from perceive_ray.data.llava_data import write_sample_table
     from perceive_ray.tracking.run_record import build_run_record
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_sample_table(samples, run_dir / SAMPLES_FILE)
+    if lengths is not None:
+        np.save(run_dir / LENGTHS_FILE, lengths)
     (run_dir / DEEPSPEED_FILE).write_text(json.dumps(deepspeed, indent=2) + "\n")
     record = {**build_run_record({name: {Path(s["path"]).name: s["sha256"]} for name, s in summary.items()}), "kind": "train",
               "run_id": run_id, "job": config.job, "config_hash": chash, "plan": asdict(plan), "data": summary,
-              "data_spec": {"transform": asdict(spec.transform), "hard_negatives": spec.hard_negatives,
-                            "pacl_augment": spec.pacl_augment, "caption_turn": spec.caption_turn}}
+              "data_spec": asdict(spec)}
     write_record_once(run_dir, record, dump_config(config))
     return PreparedRun(config, run_id, run_dir, plan, spec, deepspeed, resumed=False, finished=False)
 

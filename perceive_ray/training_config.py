@@ -17,11 +17,15 @@ from pydantic import ConfigDict, Field, model_validator
 from perceive_ray import registry
 from perceive_ray.config import ModelConfig, StrictModel, TrackingConfig
 
-LossKind = Literal["clip", "negclip", "siglip", "pacl", "sparc"]
+LossKind = Literal["clip", "negclip", "siglip", "pacl", "sparc", "lm", "infonce"]
 HeadsKind = Literal["pacl", "pacl_rope", "sparc", "sparc_rope", "pacl_llm_text"]
 # Which loss each job accepts; the heads job's loss follows from the head kind.
-JOB_LOSSES: dict[str, tuple[str, ...]] = {"clip_finetune": ("clip", "negclip", "siglip"), "heads": ("pacl", "sparc")}
-JOB_FAMILIES: dict[str, tuple[str, ...]] = {"clip_finetune": ("clip",), "heads": ("clip", "llm2clip")}
+# lm: LLaVA's next-token cross-entropy on the supervised tokens; infonce: VLM2Vec's query->target InfoNCE (§5.6).
+JOB_LOSSES: dict[str, tuple[str, ...]] = {"clip_finetune": ("clip", "negclip", "siglip"), "heads": ("pacl", "sparc"),
+                                          "llava": ("lm",), "vlm2vec": ("infonce",)}
+JOB_FAMILIES: dict[str, tuple[str, ...]] = {"clip_finetune": ("clip",), "heads": ("clip", "llm2clip"),
+                                            "llava": ("llava",), "vlm2vec": ("llava",)}
+DEFAULT_LOSS = {"clip_finetune": "clip", "llava": "lm", "vlm2vec": "infonce"}
 
 
 class DataSourceConfig(StrictModel):
@@ -53,6 +57,8 @@ class BatchConfig(StrictModel):
 
     global_: int = Field(alias="global", gt=0, description="Rows per optimiser step, whatever the worker count.")
     micro: int | None = Field(default=None, gt=0, description="Rows per forward chunk per worker (null: all).")
+    # VLM2Vec only: GradCache chunk of the targets (null: ``micro``); ``micro`` is then the query chunk (§5.6: 1/1).
+    micro_target: int | None = Field(default=None, gt=0)
 
 
 class OptimConfig(StrictModel):
@@ -64,8 +70,12 @@ class OptimConfig(StrictModel):
 
 
 class ScheduleConfig(StrictModel):
-    kind: Literal["cosine", "const"] = "cosine"
+    # cosine / const: open_clip_train's schedules (CLIP jobs, §5.1); hf_cosine / linear: transformers' warmup +
+    # cosine / linear decay to 0 (LLaVA's HF Trainer, VLM2Vec), which scale every parameter group's own lr.
+    kind: Literal["cosine", "const", "hf_cosine", "linear"] = "cosine"
     warmup_steps: int = Field(default=0, ge=0)
+    # LLaVA's --warmup_ratio 0.03: ceil(ratio x total steps) warmup steps, overriding warmup_steps when set.
+    warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
 
 
 class LossConfig(StrictModel):
@@ -93,6 +103,53 @@ class HeadsTrainConfig(StrictModel):
     sparc_sigma: float | None = Field(default=None, ge=0, lt=1, description="null: 1 / number of patches")
 
 
+class AdapterTrainConfig(StrictModel):
+    """A peft LoRA / DoRA adapter on the LLM's linear layers (the vision tower and projector never get one)."""
+
+    r: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    use_dora: bool = False
+    init: Literal["default", "gaussian"] = "default"  # peft init_lora_weights: True (kaiming A, zero B) | gaussian
+
+
+class LlavaTrainConfig(StrictModel):
+    """LLaVA-1.5's two stages (TRAINING.md §3, PROTOCOLS §5.7)."""
+
+    # projector: stage 1, projector only, ``plain`` conversation; lora: stage 2, LoRA + projector, vicuna ``v1``.
+    stage: Literal["projector", "lora"] = "projector"
+    # Stage 1 assembles the model when model.source is a plain causal LM: this CLIP vision tower + a new projector.
+    # null: model.source is already a Llava checkpoint (stage 2: train:<stage-1 run id>).
+    vision_tower: str | None = None
+    select_feature: Literal["patch", "cls"] = "patch"  # assembly only; a Llava checkpoint carries its own
+    image_preprocess: Literal["processor", "pad"] | None = None  # null: processor (stage 1), pad (stage 2)
+    group_by_modality_length: bool | None = None  # null: false (stage 1), true (stage 2)
+    max_length: int = Field(default=2048, gt=0, description="model_max_length: right truncation, never in the image")
+    projector_lr: float | None = Field(default=None, gt=0, description="Stage 2: the projector's own lr (2e-5).")
+    lora: AdapterTrainConfig = AdapterTrainConfig(r=128, alpha=256, dropout=0.05)
+    grad_checkpointing: bool = True
+
+    def conversation(self) -> str:
+        return "plain" if self.stage == "projector" else "v1"
+
+    def resolved_preprocess(self) -> str:
+        return self.image_preprocess or ("processor" if self.stage == "projector" else "pad")
+
+    def resolved_grouping(self) -> bool:
+        return self.group_by_modality_length if self.group_by_modality_length is not None else self.stage == "lora"
+
+
+class Vlm2VecTrainConfig(StrictModel):
+    """LLaVA-1.5 converted to a contrastive embedder (PROTOCOLS §5.6, TRAINING.md §4)."""
+
+    adapter: AdapterTrainConfig = AdapterTrainConfig(r=8, alpha=64, dropout=0.1, use_dora=True, init="gaussian")
+    temperature: float = Field(default=0.02, gt=0)
+    max_length: int = Field(default=1024, gt=0)
+    # §5.6: images resized to the processor's square size (aspect-distorting) before the processor.
+    image_preprocess: Literal["resize", "pad", "processor"] = "resize"
+    grad_checkpointing: bool = True
+
+
 class DeepSpeedTrainConfig(StrictModel):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
@@ -116,6 +173,8 @@ class TrainConfig(StrictModel):
     loss: LossConfig = LossConfig()
     clip: ClipTrainConfig = ClipTrainConfig()
     heads: HeadsTrainConfig = HeadsTrainConfig()
+    llava: LlavaTrainConfig = LlavaTrainConfig()
+    vlm2vec: Vlm2VecTrainConfig = Vlm2VecTrainConfig()
     deepspeed: DeepSpeedTrainConfig = DeepSpeedTrainConfig()
     checkpoint: CheckpointTrainConfig = CheckpointTrainConfig()
     log_every_steps: int = Field(default=10, gt=0)
@@ -183,6 +242,20 @@ class TrainExperimentConfig(StrictModel):
             raise ValueError("train.deepspeed.offload_optimizer: needs zero_stage >= 1")
         if ds.offload_param and ds.zero_stage != 3:
             raise ValueError("train.deepspeed.offload_param: needs zero_stage 3")
+        if self.job == "vlm2vec" and ds.zero_stage == 3:
+            raise ValueError("train.deepspeed.zero_stage: the VLM2Vec job runs ZeRO 0-2 (under ZeRO-3 a text-only "
+                             "query skips the vision tower and hangs the other ranks, and DoRA needs gathered base "
+                             "weights; TRAINING.md §4)")
+        if self.train.batch.micro_target is not None and self.job != "vlm2vec":
+            raise ValueError("train.batch.micro_target: only the VLM2Vec job has separate target chunks")
+        if self.job == "llava":
+            llava = self.train.llava
+            if llava.stage == "projector" and llava.projector_lr is not None:
+                raise ValueError("train.llava.projector_lr: stage projector trains only the projector, at "
+                                 "train.optim.lr")
+            if llava.stage == "lora" and llava.vision_tower is not None:
+                raise ValueError("train.llava.vision_tower: stage lora starts from a Llava checkpoint (model.source: "
+                                 "train:<stage-1 run id>), it assembles nothing")
         compute_accumulation(self)  # raises on a global batch that does not split
         return self
 
@@ -194,7 +267,7 @@ def head_loss(kind: str) -> str:
 def resolve_loss_kind(config: TrainExperimentConfig) -> str:
     if config.train.loss.kind is not None:
         return config.train.loss.kind
-    return head_loss(config.train.heads.kind) if config.job == "heads" else "clip"
+    return head_loss(config.train.heads.kind) if config.job == "heads" else DEFAULT_LOSS.get(config.job, "clip")
 
 
 def resolve_hard_negatives(config: TrainExperimentConfig) -> str:
@@ -204,7 +277,10 @@ def resolve_hard_negatives(config: TrainExperimentConfig) -> str:
 
 
 def compute_accumulation(config: TrainExperimentConfig) -> tuple[int, int]:
-    """(rows per worker per step, chunks per step) so that chunk x workers x chunks == train.batch.global."""
+    """(rows per worker per step, chunks per step) so that chunk x workers x chunks == train.batch.global.
+
+    VLM2Vec cuts queries by ``micro`` and targets by ``micro_target``: a step has max of the two chunk counts
+    (chunk i holds query part i and target part i, either may be empty), so rows per chunk = the smaller chunk."""
     batch, workers = config.train.batch, config.resources.num_workers
     if batch.global_ % workers:
         raise ValueError(f"train.batch.global: {batch.global_} rows do not split over {workers} workers "
@@ -214,4 +290,10 @@ def compute_accumulation(config: TrainExperimentConfig) -> tuple[int, int]:
     if local % micro:
         raise ValueError(f"train.batch.micro: {micro} does not divide the {local} rows per worker "
                          f"(train.batch.global {batch.global_} / {workers} workers)")
-    return local, local // micro
+    chunks = local // micro
+    target = batch.micro_target
+    if target is not None:
+        if local % target:
+            raise ValueError(f"train.batch.micro_target: {target} does not divide the {local} rows per worker")
+        chunks = max(chunks, local // target)
+    return local, chunks

@@ -268,3 +268,30 @@ def save_tiny_llava_llama3(path: str | Path, *, seed: int = 0) -> Path:
 def save_tiny_llava_cls(path: str | Path, *, seed: int = 0) -> Path:
     """Tiny LLaVA-cls: one visual token, the penultimate-layer CLS (stands in for the LoRA cls release)."""
     return save_tiny_llava(path, select_feature="cls", seed=seed)
+
+
+def save_tiny_llava_parts(path: str | Path, *, seed: int = 0) -> Path:
+    """The tiny LLaVA's two halves, as LLaVA-1.5's stage 1 starts: ``path/llm`` (a LLaMA causal LM + tokenizer, the
+    Vicuna stand-in) and ``path/vision`` (a CLIP vision model + CLIP image processor, the ViT-L/14-336 stand-in).
+    ``train.llava.vision_tower: <path>/vision`` with ``model.source: <path>/llm`` assembles them."""
+    import tempfile
+
+    from transformers import CLIPImageProcessorPil, CLIPVisionModel, LlamaForCausalLM
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = save_tiny_llava(Path(tmp) / "llava", seed=seed)
+        net = LlavaForConditionalGeneration.from_pretrained(whole, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(whole)
+    llm = LlamaForCausalLM(net.config.text_config)
+    llm.model.load_state_dict(net.model.language_model.state_dict())
+    llm.lm_head.load_state_dict(net.lm_head.state_dict())
+    llm.save_pretrained(path / "llm")
+    tokenizer.save_pretrained(path / "llm")
+    vision = CLIPVisionModel(net.config.vision_config)
+    vision.load_state_dict(net.model.vision_tower.state_dict())
+    vision.save_pretrained(path / "vision")
+    size = net.config.vision_config.image_size
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
+        path / "vision")
+    return path

@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,12 @@ LOG_FILE = "train_log.jsonl"  # rank 0's logged metrics, one JSON line per logge
 
 def decode_rows(batch: dict[str, np.ndarray], *, run_dir: str, plan: dict[str, int], rank: int, start: int,
                 seed: int, spec: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Row ids of rank ``rank`` -> (step, slot, sample key, caption, negative, pixels, ok): one CPU task."""
+    """Row ids of rank ``rank`` -> (step, slot, sample key, caption, negative, pixels, ok): one CPU task.
+
+    Conversation jobs (``spec["kind"] == "conversations"``) get (step, slot, epoch, key, has_image, humans, gpts,
+    pixels, ok) instead: the worker builds its own token ids from every turn."""
     from perceive_ray.data import llava_data
+    from perceive_ray.training import LENGTHS_FILE, step_rows
 
     local = plan["local_rows"]
     ids = np.asarray(batch["id"], dtype=np.int64)
@@ -69,14 +74,16 @@ def decode_rows(batch: dict[str, np.ndarray], *, run_dir: str, plan: dict[str, i
     table = llava_data.open_sample_table(Path(run_dir) / SAMPLES_FILE)
     indices = np.empty(len(ids), dtype=np.int64)
     epochs = steps // plan["steps_per_epoch"]
+    lengths = str(Path(run_dir) / LENGTHS_FILE)
     for step in np.unique(steps):
         epoch = int(step // plan["steps_per_epoch"])
-        rows = llava_data.rank_rows(plan["num_samples"], seed=seed, epoch=epoch,
-                                    step=int(step % plan["steps_per_epoch"]), global_batch=plan["global_batch"],
-                                    world_size=plan["world_size"], rank=rank)
+        rows = step_rows(plan, order=spec.get("order", "random"), lengths_path=lengths, seed=seed, epoch=epoch,
+                         step=int(step % plan["steps_per_epoch"]), rank=rank)
         mask = steps == step
         indices[mask] = rows[slots[mask]]
     samples = llava_data.take_samples(table, indices)
+    if spec.get("kind") == "conversations":
+        return decode_conversation_rows(samples, steps=steps, slots=slots, epochs=epochs, spec=spec["images"])
     captions, negatives = [], []
     chunker = llava_data.load_spacy_chunker(spec["noun_chunker"]) if spec["pacl_augment"] else None
     for sample, epoch in zip(samples, epochs, strict=True):
@@ -103,6 +110,31 @@ def decode_rows(batch: dict[str, np.ndarray], *, run_dir: str, plan: dict[str, i
             "pixels": pixels, "ok": ok}
 
 
+def decode_conversation_rows(samples: list[dict[str, Any]], *, steps: np.ndarray, slots: np.ndarray,
+                             epochs: np.ndarray, spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    """LLaVA / VLM2Vec rows: every turn (JSON), and the image through the checkpoint's processor; a text-only row
+    gets zeros (LLaVA runs a zero image through the tower for it). An unreadable image makes the row not ``ok``."""
+    from perceive_ray.train.jobs.llava_common import preprocess_image
+
+    size = tuple(spec["size"])
+    pixels = np.zeros((len(samples), 3, *size), dtype=np.float32)
+    ok = np.ones(len(samples), dtype=bool)
+    for i, sample in enumerate(samples):
+        if sample["image"] is None:
+            continue
+        try:
+            pixels[i] = preprocess_image(sample["image"], spec)
+        except OSError as exc:  # missing, truncated or undecodable files (PIL raises OSError subclasses)
+            print(f"[train] image of {sample['key']} unreadable: {exc}", file=sys.stderr, flush=True)
+            ok[i] = False
+    return {"step": steps, "slot": slots, "epoch": epochs,
+            "key": np.array([s["key"] for s in samples], dtype=object),
+            "has_image": np.array([s["image"] is not None for s in samples], dtype=bool),
+            "humans": np.array([json.dumps(list(s["human_turns"])) for s in samples], dtype=object),
+            "gpts": np.array([json.dumps(list(s["gpt_turns"])) for s in samples], dtype=object),
+            "pixels": pixels, "ok": ok}
+
+
 class RankDataset:
     """Ray Train calls this at every worker-group start: rank ``rank``'s rows from the last checkpointed step."""
 
@@ -113,10 +145,13 @@ class RankDataset:
         self.rank = rank
         self.seed = prepared.config.seed
         self.decode_cpus = prepared.config.data.decode_cpus
-        self.spec = {"transform": spec.transform.__dict__.copy(), "hard_negatives": spec.hard_negatives,
-                     "pacl_augment": spec.pacl_augment, "caption_turn": spec.caption_turn,
-                     "noun_chunker": prepared.config.data.noun_chunker}
-        self.spec["transform"]["size"] = list(spec.transform.size)
+        self.spec = {"transform": asdict(spec.transform) if spec.transform else None,
+                     "hard_negatives": spec.hard_negatives, "pacl_augment": spec.pacl_augment,
+                     "caption_turn": spec.caption_turn, "noun_chunker": prepared.config.data.noun_chunker,
+                     "kind": spec.kind, "order": spec.order, "images": asdict(spec.images) if spec.images else None}
+        for part in ("transform", "images"):
+            if self.spec[part] is not None:
+                self.spec[part]["size"] = list(self.spec[part]["size"])
 
     def __call__(self) -> ray.data.Dataset:
         # Runs in Ray Train's controller. Order comes from build_trainer's DataConfig (Ray Train replaces the
@@ -161,12 +196,61 @@ def split_rows(rows: dict[str, np.ndarray], chunks: int) -> list[dict[str, np.nd
     return [{k: v[bounds[i]: bounds[i + 1]] for k, v in rows.items()} for i in range(chunks)]
 
 
+def resolve_warmup(config: TrainExperimentConfig, total_steps: int) -> int:
+    """Warmup steps: ``ceil(warmup_ratio x total)`` when a ratio is set (LLaVA's 0.03), else ``warmup_steps``."""
+    ratio = config.train.schedule.warmup_ratio
+    return math.ceil(ratio * total_steps) if ratio is not None else config.train.schedule.warmup_steps
+
+
 def build_schedule(optimizer: Any, config: TrainExperimentConfig, total_steps: int) -> Any:
-    from open_clip_train.scheduler import const_lr, cosine_lr
+    """step -> lr of ``train.optim.lr``'s group, setting every parameter group's lr for that step.
+
+    ``cosine`` / ``const``: open_clip_train's schedules (one lr for all groups). ``hf_cosine`` / ``linear``:
+    transformers' warmup + cosine / linear decay factors, applied to each group's own base lr (the LLaVA projector
+    group keeps its ratio to the LoRA group), as the HF Trainer's LambdaLR does. Base lrs are read before any
+    checkpoint is loaded (a checkpoint restores the last scheduled values, not the bases)."""
+    import torch
 
     sched = config.train.schedule
-    fn = cosine_lr if sched.kind == "cosine" else const_lr
-    return fn(optimizer, config.train.optim.lr, sched.warmup_steps, total_steps)
+    warmup = resolve_warmup(config, total_steps)
+    if sched.kind in ("cosine", "const"):
+        from open_clip_train.scheduler import const_lr, cosine_lr
+
+        fn = cosine_lr if sched.kind == "cosine" else const_lr
+        return fn(optimizer, config.train.optim.lr, warmup, total_steps)
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    factory = get_cosine_schedule_with_warmup if sched.kind == "hf_cosine" else get_linear_schedule_with_warmup
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    factor = factory(probe, warmup, total_steps).lr_lambdas[0]
+    bases = [float(group["lr"]) for group in optimizer.param_groups]
+
+    def assign(step: int) -> float:
+        scale = factor(step)
+        for group, base in zip(optimizer.param_groups, bases, strict=True):
+            group["lr"] = base * scale
+        return config.train.optim.lr * scale
+
+    return assign
+
+
+def check_init_checksums(job: Any, run_dir: Path, rank: int) -> None:
+    """Every rank must start from the same weights (LLaVA#1440): all-gather the job's init checksums, compare,
+    and record them (``init_checksums.json``) before the first step."""
+    import torch.distributed as dist
+
+    if not hasattr(job, "init_checksum"):
+        return
+    mine = job.init_checksum()
+    every = [mine]
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    differ = [r for r, other in enumerate(every) if other != every[0]]
+    if differ:
+        raise RuntimeError(f"ranks {differ} start from other weights than rank 0: {every}")
+    if rank == 0:
+        (run_dir / "init_checksums.json").write_text(json.dumps({"ranks": every}, indent=2) + "\n")
 
 
 def open_tracker(cfg: dict[str, Any]) -> Any:
@@ -219,7 +303,7 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from perceive_ray.train.gradcache import chunk_seed, run_step
+    from perceive_ray.train.gradcache import chunk_seed, run_accumulation_step, run_step
 
     config = TrainExperimentConfig.model_validate(cfg["config"])
     plan = TrainPlan(**cfg["plan"])
@@ -235,6 +319,7 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)  # identical initial weights (random-init heads) on every rank
     job = registry.resolve("jobs", config.job)(config, device=device)
+    check_init_checksums(job, run_dir, rank)
     ds_config = json.loads((run_dir / DEEPSPEED_FILE).read_text())
     engine, optimizer, _, _ = deepspeed.initialize(model=job.module, model_parameters=job.parameter_groups(),
                                                    config=ds_config)
@@ -283,9 +368,18 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
                                    f"data.max_missing_fraction={max_missing}")
             rows = {k: v[ok] for k, v in rows.items()}
         lr = schedule(step)
-        batches = [job.collate(chunk, device) for chunk in split_rows(rows, plan.chunks)]
+        if hasattr(job, "collate_chunks"):
+            batches = job.collate_chunks(split_rows(rows, plan.chunks), device)
+        else:
+            batches = [job.collate(chunk, device) for chunk in split_rows(rows, plan.chunks)]
         seeds = [chunk_seed(config.seed, step, rank, c) for c in range(plan.chunks)]
-        loss, logs = run_step(engine, job.compute_loss, batches, seeds)
+        if getattr(job, "decomposable", False):  # a sum over rows: plain accumulation, no GradCache pass
+            loss, logs = run_accumulation_step(engine, job.compute_loss, batches, seeds)
+            if dist.is_initialized():  # the chunks' losses are world x local shares of the global loss
+                dist.all_reduce(loss)
+            loss = loss / world
+        else:
+            loss, logs = run_step(engine, job.compute_loss, batches, seeds)
         job.after_step(engine.module, gathered)
         step += 1
         window_rows += int(bad[1] - bad[0])

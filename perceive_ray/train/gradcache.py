@@ -32,6 +32,29 @@ def chunk_seed(seed: int, step: int, rank: int, chunk: int) -> int:
     return keyed_seed(seed, "forward", step, rank, chunk) % (2**63)
 
 
+def run_accumulation_step(
+    engine: Any,
+    compute_loss: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    batches: Sequence[dict[str, Any]],
+    seeds: Sequence[int],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A step of a loss that is a sum over chunks (each chunk's ``compute_loss`` is its own share, already scaled to
+    the global normaliser): forward + backward per chunk, ``engine.step()`` after each (DeepSpeed steps the
+    optimiser at the last). Returns the sum of the chunks' losses and logs (detached)."""
+    if len(batches) != len(seeds):
+        raise ValueError("one seed per chunk")
+    total, logs_sum = None, {}
+    for batch, seed in zip(batches, seeds, strict=True):
+        torch.manual_seed(seed)
+        loss, logs = compute_loss(engine(batch))
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()
+        total = loss.detach() if total is None else total + loss.detach()
+        for key, value in logs.items():
+            logs_sum[key] = value.detach() if key not in logs_sum else logs_sum[key] + value.detach()
+    return total, logs_sum
+
+
 def merge_reps(chunks: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Concatenate per-chunk representations along rows; 0-dim entries come from the first chunk."""
     merged = {}

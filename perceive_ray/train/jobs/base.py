@@ -33,13 +33,32 @@ class ImageTransformSpec:
 
 
 @dataclass(frozen=True)
-class DataSpec:
-    """What a job needs from the data pipeline, known on the driver without loading any weights."""
+class ConversationImageSpec:
+    """LLaVA-style image decoding: the checkpoint's CLIP image processor (PIL backend) after an optional step
+    (``pad``: expand to square with the processor's mean colour; ``resize``: to the crop size, aspect-distorting)."""
 
-    transform: ImageTransformSpec
+    processor_source: str  # a directory or hub id holding the CLIP preprocessor_config.json
+    preprocess: str  # "processor" | "pad" | "resize"
+    size: tuple[int, int]  # (H, W) of pixel_values
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a job needs from the data pipeline, known on the driver without loading any weights.
+
+    ``kind``: ``captions`` (CLIP-style: one caption turn, negatives, a seeded train transform) or ``conversations``
+    (LLaVA / VLM2Vec: every turn goes to the worker, images through the checkpoint's processor; text-only rows kept
+    when ``keep_text_only``). ``order``: ``random`` (the counter-based epoch order) or ``modality_length``
+    (LLaVA's group_by_modality_length mega-batches)."""
+
+    transform: ImageTransformSpec | None
     hard_negatives: str = "none"  # "leftright": a negative caption per row (empty string when none applies)
     pacl_augment: bool = False
     caption_turn: str = "random"
+    kind: str = "captions"
+    images: ConversationImageSpec | None = None
+    keep_text_only: bool = False
+    order: str = "random"
     extra: dict[str, Any] = field(default_factory=dict)
 
 

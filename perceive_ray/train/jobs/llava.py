@@ -1,0 +1,260 @@
+"""LLaVA-1.5 training, both stages, for ``select_feature: patch | cls`` (TRAINING.md §3, PROTOCOLS §5.7).
+
+Stage ``projector`` (``scripts/v1_5/pretrain.sh``): only ``multi_modal_projector`` trains; ``plain`` conversation
+(``<image>`` + caption + ``\\n``, caption and newline supervised) on LCS-558K-format data; image samples only.
+Stage ``lora`` (``finetune_lora.sh``): peft LoRA (r 128, alpha 256, dropout 0.05) on every linear layer of the LLM
+but ``lm_head`` (q, k, v, o, gate, up, down), the projector trainable in its own parameter group at
+``train.llava.projector_lr``; vicuna ``v1`` conversation (answers + ``</s>`` supervised) on mix-665K-format data with
+its text-only rows (a zero image still runs through the tower: ZeRO-3-safe), ``pad`` image preprocessing,
+LLaVA's modality-grouped length-balanced order. The model comes from the stage-1 run: ``model.source:
+train:<run id>``.
+
+Labels come from ``train/llava_labels.py`` (the scorer's templates, exactly V ignored image ids per image, a sample
+whose supervised tokens do not match its rounds is a ``LabelError`` naming it), built in ``collate`` on the worker
+and, before anything starts, for every sample on the driver (``check_samples``).
+
+Loss: the mean next-token cross-entropy over the supervised tokens of the GLOBAL batch (all chunks, all workers):
+each row contributes its summed token losses and the step divides by the global count of supervised tokens
+(all-reduced before the forward), so the objective is the same for any worker count and chunking. (LLaVA's 2023
+trainer averaged per-device token means; transformers' Trainer has normalised by the global token count across
+accumulation since 4.46.) Chunks are plain gradient accumulation (no contrastive term: no GradCache needed).
+
+Export (the final checkpoint's ``export/``): a full transformers Llava directory (the LoRA merged into the weights
+for stage 2) with tokenizer, CLIP image processor and the ``perceive_ray.json`` sidecar, the layout ``load_llava``
+and the VQAScore scorer read; stage 2 also keeps the unmerged adapter in ``export/adapter/`` (peft layout).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perceive_ray.config import ConfigError
+from perceive_ray.train import llava_labels
+from perceive_ray.train.jobs import llava_common
+from perceive_ray.train.jobs.base import DataSpec, count_parameters
+from perceive_ray.training_config import TrainExperimentConfig
+
+# Every linear layer of the LLM but lm_head (LLaVA's find_all_linear_names drops the vision tower, the projector and
+# lm_head); matched by regex on the full module name so the CLIP tower's q/k/v/out_proj never match.
+LORA_TARGETS = r".*\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+ADAPTER_DIR = "adapter"
+CHECK_LIMIT = 100_000  # samples labelled on the driver before the run starts (all of them up to this many)
+
+
+def data_spec(config: TrainExperimentConfig) -> DataSpec:
+    llava = config.train.llava
+    source = llava.vision_tower or str(config.model.source)
+    return DataSpec(transform=None, kind="conversations",
+                    images=llava_common.image_spec(source, llava.resolved_preprocess()),
+                    keep_text_only=llava.stage == "lora",
+                    order="modality_length" if llava.resolved_grouping() else "random",
+                    caption_turn="all")
+
+
+def check_samples(config: TrainExperimentConfig, samples: list[Any]) -> None:
+    """Label every sample (up to ``CHECK_LIMIT``; the rest are labelled on the workers) before any worker starts:
+    a LabelError names the sample, file row and source (exit 2)."""
+    tokenizer = llava_common.training_tokenizer(config)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    v = llava_common.num_visual_tokens_for(config)
+    llava = config.train.llava
+    for sample in samples[:CHECK_LIMIT]:
+        try:
+            llava_labels.build_example(sample, conversation=llava.conversation(), tokenizer=tokenizer,
+                                       image_token_id=image_token_id, num_visual_tokens=v,
+                                       max_length=llava.max_length)
+        except llava_labels.LabelError as exc:
+            raise ConfigError(f"data.sources[{sample.source}] row {sample.row}: {exc}") from None
+
+
+class LlavaLanguageModel(nn.Module):
+    """The trainable module: LLaVA's forward to per-row summed token losses and supervised-token counts."""
+
+    def __init__(self, net: nn.Module, llava: nn.Module, *, train_vision: bool) -> None:
+        super().__init__()
+        self.net = net  # the peft model (stage 2) or the Llava model itself (stage 1)
+        self._llava = [llava]  # the Llava model inside (not registered twice)
+        self.train_vision = train_vision
+
+    @property
+    def llava(self) -> nn.Module:
+        return self._llava[0]
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        llava = self.llava
+        hidden = llava_common.encode(llava, batch["input_ids"], batch["attention_mask"], batch["pixels"],
+                                     batch["has_image"], train_vision=self.train_vision)
+        logits = llava.lm_head(hidden[:, :-1]).float()  # (B, T-1, vocab): position t predicts token t+1
+        targets = batch["labels"][:, 1:]
+        losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=llava_labels.IGNORE_INDEX,
+                                 reduction="none")  # (B, T-1), 0 where ignored
+        return {"loss_sum": losses.sum(dim=1), "tokens": (targets != llava_labels.IGNORE_INDEX).sum(dim=1),
+                "norm": batch["norm"]}
+
+
+class LlavaJob:
+    name = "llava"
+    decomposable = True  # the loss is a sum over rows: chunks are plain gradient accumulation
+
+    def __init__(self, config: TrainExperimentConfig, *, device: torch.device) -> None:
+        self.config = config
+        self.llava_cfg = config.train.llava
+        self.device = device
+        parts = llava_common.build_llava(config, seed=config.seed, device=device)
+        self.parts = parts
+        model = parts.model
+        model.requires_grad_(False)
+        stage = self.llava_cfg.stage
+        if self.llava_cfg.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if stage == "projector":
+            net = model
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            lora = self.llava_cfg.lora
+            peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                     target_modules=LORA_TARGETS, use_dora=lora.use_dora, bias="none",
+                                     init_lora_weights="gaussian" if lora.init == "gaussian" else True)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed + 1)  # identical LoRA A matrices on every rank
+                net = get_peft_model(model, peft_config)
+            adapted = [n for n, m in net.named_modules() if hasattr(m, "lora_A") and isinstance(m.lora_A, nn.ModuleDict)
+                       and m.lora_A]
+            if not adapted or any(".language_model." not in n or n.endswith("lm_head") for n in adapted):
+                raise ConfigError(f"LoRA must adapt only the LLM's linear layers; adapted {adapted[:5]}")
+            self.peft_config = peft_config
+        model.model.multi_modal_projector.requires_grad_(True)
+        model.train()
+        self.module = LlavaLanguageModel(net, model, train_vision=True)
+        self.conversation = self.llava_cfg.conversation()
+        self.pad_id = parts.tokenizer.pad_token_id
+
+    # -- setup ------------------------------------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        projector = [p for p in self.parts.model.model.multi_modal_projector.parameters() if p.requires_grad]
+        ids = {id(p) for p in projector}
+        others = [p for p in self.module.parameters() if p.requires_grad and id(p) not in ids]
+        wd = self.config.train.optim.weight_decay
+        groups = [{"params": others, "weight_decay": wd}] if others else []
+        projector_lr = self.llava_cfg.projector_lr
+        group = {"params": projector, "weight_decay": wd}
+        if projector_lr is not None:
+            group["lr"] = projector_lr
+        groups.append(group)
+        return groups
+
+    def init_checksum(self) -> dict[str, str]:
+        """Checksums every rank must agree on right after the model is built (before any step)."""
+        out = {llava_common.PROJECTOR_INIT: llava_common.tensor_checksum(self.parts.model.model.multi_modal_projector)}
+        if self.llava_cfg.stage == "lora":
+            lora = nn.ModuleDict({n.replace(".", "_"): m for n, m in self.module.named_modules()
+                                  if n.endswith("lora_A") or n.endswith("lora_B")})
+            out["lora_init"] = llava_common.tensor_checksum(lora)
+        return out
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def build_examples(self, rows: dict[str, Any]) -> list[Any]:
+        examples = []
+        for i in range(len(rows["key"])):
+            sample = SimpleNamespace(key=str(rows["key"][i]), image="image" if rows["has_image"][i] else None,
+                                     human_turns=tuple(json.loads(rows["humans"][i])),
+                                     gpt_turns=tuple(json.loads(rows["gpts"][i])))
+            examples.append(llava_labels.build_example(
+                sample, conversation=self.conversation, tokenizer=self.parts.tokenizer,
+                image_token_id=self.parts.image_token_id, num_visual_tokens=self.parts.num_visual_tokens,
+                max_length=self.llava_cfg.max_length))
+        return examples
+
+    def collate_chunks(self, chunks: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+        """Every chunk of the step, with the step's global supervised-token count (all chunks, all workers)."""
+        batches = []
+        for rows in chunks:
+            examples = self.build_examples(rows)
+            batch = llava_labels.collate_examples(examples, self.pad_id) if examples else None
+            batches.append((rows, batch))
+        local = sum(int((b["labels"] != llava_labels.IGNORE_INDEX).sum()) for _, b in batches if b is not None)
+        total = torch.tensor(float(local), device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        if total.item() < 1:
+            raise RuntimeError("a step without any supervised token")
+        out = []
+        for rows, batch in batches:
+            if batch is None:
+                raise RuntimeError("an empty chunk (every image of it unreadable)")
+            out.append({"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device),
+                        "attention_mask": batch["attention_mask"].to(device),
+                        "pixels": torch.as_tensor(rows["pixels"]).to(device),
+                        "has_image": torch.as_tensor(rows["has_image"], dtype=torch.bool).to(device),
+                        "norm": total.clone()})
+        return out
+
+    def compute_loss(self, reps: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """world x (this chunk's summed token losses) / (global supervised tokens): DeepSpeed averages gradients
+        over the workers, so the applied gradient is that of the global token-mean loss."""
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        loss = reps["loss_sum"].sum() * world / reps["norm"]
+        return loss, {"tokens_local": reps["tokens"].sum().float().detach()}
+
+    def after_step(self, module: nn.Module, gathered: Any = None) -> None:
+        return None
+
+    # -- export -----------------------------------------------------------------------------------------------
+    def export(self, module: nn.Module, out_dir: Path) -> dict[str, Any]:
+        """The trained model as a Llava directory (LoRA merged) + tokenizer + processor + sidecar (+ adapter/).
+
+        Called with full parameters (under ZeRO-3 inside a gather on all ranks); works on copies, so the
+        engine's module is untouched."""
+        from transformers import AutoImageProcessor
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        llava = module.llava
+        state = {k: v.detach().to("cpu", copy=True) for k, v in module.net.state_dict().items()}
+        files = []
+        if self.llava_cfg.stage == "lora":
+            from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+            fresh = llava_common.empty_llava(type(llava), llava.config, llava.dtype)
+            fresh.load_state_dict({k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+                                   for k, v in state.items() if "lora_" not in k}, strict=True)
+            peft_model = get_peft_model(fresh, self.peft_config)
+            adapter = get_peft_model_state_dict(module.net, state_dict=state)
+            empty = [k for k, v in adapter.items() if v.numel() == 0]
+            if not adapter or empty:
+                raise RuntimeError(f"the LoRA adapter to export is empty ({empty[:3]}): gather the parameters first")
+            set_peft_model_state_dict(peft_model, adapter)
+            peft_model.save_pretrained(out_dir / ADAPTER_DIR, save_embedding_layers=False)
+            (out_dir / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
+            merged = peft_model.merge_and_unload()
+            files.append(ADAPTER_DIR)
+        else:
+            merged = llava_common.empty_llava(type(llava), llava.config, llava.dtype)
+            merged.load_state_dict(state, strict=True)
+        merged.config.use_cache = True
+        merged.save_pretrained(out_dir)
+        self.parts.tokenizer.save_pretrained(out_dir)
+        AutoImageProcessor.from_pretrained(self.parts.image_processor_source, backend="pil").save_pretrained(out_dir)
+        llava_common.write_llava_sidecar(out_dir, trained_stage=self.llava_cfg.stage,
+                                         select_feature=self.parts.select_feature)
+        return {"layout": "transformers Llava directory (+ perceive_ray.json)", "model_source": str(out_dir),
+                "stage": self.llava_cfg.stage, "select_feature": self.parts.select_feature,
+                "num_visual_tokens": self.parts.num_visual_tokens, "files": sorted(p.name for p in out_dir.iterdir()),
+                "adapter": str(out_dir / ADAPTER_DIR) if files else None}
+
+    def describe(self) -> dict[str, Any]:
+        return {"job": self.name, "stage": self.llava_cfg.stage, "conversation": self.conversation,
+                "select_feature": self.parts.select_feature, "num_visual_tokens": self.parts.num_visual_tokens,
+                "assembled": self.parts.assembled, **count_parameters(self.module)}
+
+
+def build_job(config: TrainExperimentConfig, *, device: torch.device) -> LlavaJob:
+    return LlavaJob(config, device=device)
+
