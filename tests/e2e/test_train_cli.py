@@ -135,3 +135,48 @@ def test_unreachable_tracking_server_exits_2_before_ray(tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     assert uri in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "runs/train/offline/ray").exists()  # checked before Ray or any worker started
+
+
+def test_llava_cls_stage1_then_stage2_then_vqascore_eval_chain_by_run_id(tmp_path):
+    """PROTOCOLS §5.7 from the command line: stage 1 (assembled, cls) -> stage 2 (train:<stage 1>, LoRA, ZeRO-3) ->
+    VQAScore eval of train:<stage 2> with one visual token."""
+    for stage in ("projector", "lora"):
+        run(tmp_path, "train", str(REPO / f"experiments/train/llava15_cls_{stage}.yaml"), "--smoke", "--no-track",
+            "--run-id", f"llava15_cls_{stage}")
+    export = tmp_path / "runs/train/llava15_cls_lora/export"
+    config = json.loads((export / "config.json").read_text())
+    assert config["mm_vision_select_feature"] == "cls" and config["image_seq_length"] == 1
+    stage2 = (tmp_path / "runs/train/llava15_cls_lora/config.yaml").read_text()
+    assert "runs/train/llava15_cls_projector/export" in stage2  # stage 2 started from stage 1 by run id
+    eval_exp = str(REPO / "experiments/eval/llava15_lora_cls_whatsup.yaml")
+    common = ["--smoke", "--no-track", "benchmarks=[{name: whatsup_controlled_a, root: synth/whatsup, limit: 4}]"]
+    run(tmp_path, "eval", eval_exp, *common, "--run-id", "cls_trained", "model.source=train:llava15_cls_lora")
+    run(tmp_path, "eval", eval_exp, *common, "--run-id", "cls_tiny")
+    scores = {}
+    for run_id in ("cls_trained", "cls_tiny"):
+        table = pq.read_table(tmp_path / "runs" / run_id / "whatsup_controlled_a" / "scores.parquet")
+        scores[run_id] = table.sort_by([("item_id", "ascending"), ("image_index", "ascending"),
+                                        ("text_index", "ascending")]).column("score").to_pylist()
+    assert len(scores["cls_trained"]) == 16 and scores["cls_trained"] != scores["cls_tiny"]
+    record = json.loads((tmp_path / "runs/cls_trained/run_record.json").read_text())
+    assert "runs/train/llava15_cls_lora/export" in json.dumps(record)
+
+
+def test_llava_sample_that_cannot_be_labelled_exits_2_naming_it(tmp_path):
+    """A conversation whose labels cannot be built exactly (here: a 665K row with two <image> turns) is an error
+    naming the file's row before any worker starts, never a silently all-masked row."""
+    from perceive_ray.data.synthetic import ensure_generated
+
+    ensure_generated(tmp_path / "synth", seed=0, pairs=4)
+    rows = json.loads((tmp_path / "synth/llava/synthetic_mix665k.json").read_text())
+    victim = next(i for i, r in enumerate(rows) if "image" in r and len(r["conversations"]) >= 4)
+    rows[victim]["conversations"][2]["value"] += "\n<image>"
+    (tmp_path / "bad_mix.json").write_text(json.dumps(rows))
+    sources = (f"data.sources=[{{name: mix, path: {tmp_path / 'bad_mix.json'}, image_root: "
+               f"{tmp_path / 'synth/llava/images'}, format: mix}}]")
+    done = subprocess.run(cli("train", str(REPO / "experiments/train/llava15_patch_lora.yaml"), "--smoke", "--no-track",
+                              "--run-id", "bad_labels", "model.source=runs/tiny/llava", sources),
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"row {victim}" in done.stderr and "bad_mix.json" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs/train/bad_labels/ray").exists()

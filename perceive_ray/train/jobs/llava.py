@@ -71,7 +71,8 @@ def check_samples(config: TrainExperimentConfig, samples: list[Any]) -> None:
                                        image_token_id=image_token_id, num_visual_tokens=v,
                                        max_length=llava.max_length)
         except llava_labels.LabelError as exc:
-            raise ConfigError(f"data.sources[{sample.source}] row {sample.row}: {exc}") from None
+            paths = {s.name: s.path for s in config.data.sources}
+            raise ConfigError(f"data.sources[{sample.source}] {paths[sample.source]} row {sample.row}: {exc}") from None
 
 
 class LlavaLanguageModel(nn.Module):
@@ -120,9 +121,12 @@ class LlavaJob:
             from peft import LoraConfig, get_peft_model
 
             lora = self.llava_cfg.lora
+            # The projector trains too: as a peft module to save, so the adapter file carries it (LLaVA saved it
+            # beside the LoRA weights as non_lora_trainables.bin) and base + adapter is the whole trained model.
             peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                      target_modules=LORA_TARGETS, use_dora=lora.use_dora, bias="none",
-                                     init_lora_weights="gaussian" if lora.init == "gaussian" else True)
+                                     init_lora_weights="gaussian" if lora.init == "gaussian" else True,
+                                     modules_to_save=["multi_modal_projector"])
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed + 1)  # identical LoRA A matrices on every rank
                 net = get_peft_model(model, peft_config)
@@ -131,7 +135,8 @@ class LlavaJob:
             if not adapted or any(".language_model." not in n or n.endswith("lm_head") for n in adapted):
                 raise ConfigError(f"LoRA must adapt only the LLM's linear layers; adapted {adapted[:5]}")
             self.peft_config = peft_config
-        model.model.multi_modal_projector.requires_grad_(True)
+        if stage == "projector":
+            model.model.multi_modal_projector.requires_grad_(True)
         model.train()
         self.module = LlavaLanguageModel(net, model, train_vision=True)
         self.conversation = self.llava_cfg.conversation()
@@ -139,7 +144,9 @@ class LlavaJob:
 
     # -- setup ------------------------------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:
-        projector = [p for p in self.parts.model.model.multi_modal_projector.parameters() if p.requires_grad]
+        projector = [p for n, p in self.module.named_parameters() if p.requires_grad and "multi_modal_projector" in n]
+        if not projector:
+            raise ValueError("the projector has no trainable parameters")
         ids = {id(p) for p in projector}
         others = [p for p in self.module.parameters() if p.requires_grad and id(p) not in ids]
         wd = self.config.train.optim.weight_decay
@@ -220,17 +227,15 @@ class LlavaJob:
         state = {k: v.detach().to("cpu", copy=True) for k, v in module.net.state_dict().items()}
         files = []
         if self.llava_cfg.stage == "lora":
-            from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+            from peft import get_peft_model, get_peft_model_state_dict
 
             fresh = llava_common.empty_llava(type(llava), llava.config, llava.dtype)
-            fresh.load_state_dict({k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
-                                   for k, v in state.items() if "lora_" not in k}, strict=True)
             peft_model = get_peft_model(fresh, self.peft_config)
-            adapter = get_peft_model_state_dict(module.net, state_dict=state)
+            peft_model.load_state_dict(state, strict=True)  # the same module tree as the trained one
+            adapter = get_peft_model_state_dict(peft_model)
             empty = [k for k, v in adapter.items() if v.numel() == 0]
-            if not adapter or empty:
+            if not any("lora_" in k for k in adapter) or empty:
                 raise RuntimeError(f"the LoRA adapter to export is empty ({empty[:3]}): gather the parameters first")
-            set_peft_model_state_dict(peft_model, adapter)
             peft_model.save_pretrained(out_dir / ADAPTER_DIR, save_embedding_layers=False)
             (out_dir / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
             merged = peft_model.merge_and_unload()

@@ -96,7 +96,8 @@ def check_samples(config: TrainExperimentConfig, samples: list[Any]) -> None:
         try:
             vlm2vec_pair(sample, fmt=formats[sample.source], seed=config.seed, epoch=0)
         except PairError as exc:
-            raise ConfigError(f"data.sources[{sample.source}] row {sample.row}: {exc}") from None
+            paths = {s.name: s.path for s in config.data.sources}
+            raise ConfigError(f"data.sources[{sample.source}] {paths[sample.source]} row {sample.row}: {exc}") from None
 
 
 class Vlm2VecEmbedder(nn.Module):
