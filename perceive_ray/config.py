@@ -246,7 +246,7 @@ def validate(data: Mapping[str, Any], *, source: str, schema: type[StrictModel] 
     registry: scorer options against the scorer's own typed model (defaults filled), accepted model families,
     tie policies per benchmark. Relative paths stay relative to the working directory."""
     schema = schema or _schema_for(data, source)
-    if schema is ExperimentConfig or data.get("kind") == "train":
+    if schema is ExperimentConfig:  # (a training config resolves its own when the run is prepared)
         from perceive_ray.training import resolve_train_refs
 
         # ``train:<run id>`` names a finished training run's export (model.source, scorer weight options).

@@ -253,7 +253,11 @@ class PreparedRun:
 
 
 def prepare_training(config: TrainExperimentConfig, *, run_id: str | None = None) -> PreparedRun:
-    """Check everything, then create (or reopen) the run directory: the only work before the trainer starts."""
+    """Check everything, then create (or reopen) the run directory: the only work before the trainer starts.
+
+    ``model.source: train:<run id>`` (LLaVA stage 2 from stage 1, VLM2Vec from a trained LLaVA) is resolved here,
+    not when the file is loaded, so the file of a later stage validates before the earlier stage has run."""
+    config = resolve_model_ref(config)
     run_id = run_id or default_run_id(config)
     run_dir = train_run_dir(config.output_dir, run_id)
     stored = read_record(run_dir)
@@ -289,6 +293,14 @@ def prepare_training(config: TrainExperimentConfig, *, run_id: str | None = None
               "data_spec": asdict(spec)}
     write_record_once(run_dir, record, dump_config(config))
     return PreparedRun(config, run_id, run_dir, plan, spec, deepspeed, resumed=False, finished=False)
+
+
+def resolve_model_ref(config: TrainExperimentConfig) -> TrainExperimentConfig:
+    """The config with ``model.source: train:<run id>`` replaced by that finished run's export (ConfigError if none)."""
+    if not str(config.model.source).startswith(TRAIN_REF):
+        return config
+    data = resolve_train_refs({"model": config.model.model_dump()}, config.output_dir)
+    return config.model_copy(update={"model": config.model.model_copy(update=data["model"])})
 
 
 def latest_checkpoint_step(run_dir: Path) -> int:

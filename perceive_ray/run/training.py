@@ -478,7 +478,7 @@ def run_train(config: TrainExperimentConfig, *, run_id: str | None = None, addre
         result = json.loads((prepared.run_dir / "result.json").read_text())
         print(f"[train] run {prepared.run_id} already finished: export in {result['export']}", flush=True)
         return result
-    plan = prepared.plan
+    plan, config = prepared.plan, prepared.config  # (model.source train:<id> resolved)
     with RunLock(prepared.run_dir):
         tracking = TrainingTracking(config, prepared, enabled=track)
         print(f"[train] run {prepared.run_id}: {config.job}, {plan.num_samples} samples, {plan.total_steps} steps "

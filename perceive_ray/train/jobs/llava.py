@@ -45,7 +45,10 @@ from perceive_ray.training_config import TrainExperimentConfig
 # lm_head); matched by regex on the full module name so the CLIP tower's q/k/v/out_proj never match.
 LORA_TARGETS = r".*\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 ADAPTER_DIR = "adapter"
-CHECK_LIMIT = 100_000  # samples labelled on the driver before the run starts (all of them up to this many)
+# Samples labelled on the driver before the run starts: all of them up to this many, else a seeded uniform subset of
+# this size (~0.6-3 ms each: all of mix-665K would hold the driver for 7-30 min). Workers label every row anyway, and
+# a LabelError there fails the run naming the sample (its checkpoints are kept).
+CHECK_LIMIT = 20_000
 
 
 def data_spec(config: TrainExperimentConfig) -> DataSpec:
@@ -58,14 +61,22 @@ def data_spec(config: TrainExperimentConfig) -> DataSpec:
                     caption_turn="all")
 
 
-def check_samples(config: TrainExperimentConfig, samples: list[Any]) -> None:
-    """Label every sample (up to ``CHECK_LIMIT``; the rest are labelled on the workers) before any worker starts:
-    a LabelError names the sample, file row and source (exit 2)."""
+def check_samples(config: TrainExperimentConfig, samples: list[Any], *, limit: int = CHECK_LIMIT) -> None:
+    """Label every sample (or a seeded subset of ``limit``, see ``CHECK_LIMIT``) before any worker starts: a
+    LabelError names the source, file and row (exit 2)."""
+    import numpy as np
+
     tokenizer = llava_common.training_tokenizer(config)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     v = llava_common.num_visual_tokens_for(config)
     llava = config.train.llava
-    for sample in samples[:CHECK_LIMIT]:
+    chosen = range(len(samples)) if len(samples) <= limit else \
+        np.sort(np.random.default_rng(config.seed).choice(len(samples), size=limit, replace=False))
+    if len(samples) > limit:
+        print(f"[train] labelling a seeded subset of {limit} of {len(samples)} samples before the start (the workers "
+              "label every row)", flush=True)
+    for index in chosen:
+        sample = samples[int(index)]
         try:
             llava_labels.build_example(sample, conversation=llava.conversation(), tokenizer=tokenizer,
                                        image_token_id=image_token_id, num_visual_tokens=v,
