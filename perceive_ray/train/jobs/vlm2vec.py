@@ -65,15 +65,20 @@ def data_spec(config: TrainExperimentConfig) -> DataSpec:
 
 def vlm2vec_pair(sample: Any, *, fmt: str, seed: int, epoch: int) -> tuple[str, str]:
     """(query text, target text) of one sample (§5.6); ``fmt`` is its source's format (pretrain | mix)."""
-    humans, gpts, key = list(sample.human_turns), list(sample.gpt_turns), str(sample.key)
-    has_image = sample.image is not None
-    if not humans or len(gpts) < 1:
-        raise PairError(f"sample {key}: no human/gpt turn pair")
+    humans, gpts = list(sample.human_turns), list(sample.gpt_turns)
+    if not humans or not gpts:
+        raise PairError(f"sample {sample.key}: no human/gpt turn pair")
     if fmt == "pretrain":
         index = 0
     else:
-        index = int(keyed_rng(seed, TURN_PURPOSE, int(epoch), key).integers(min(len(humans), len(gpts))))
-    query, target = humans[index], gpts[index]
+        index = int(keyed_rng(seed, TURN_PURPOSE, int(epoch), str(sample.key)).integers(min(len(humans), len(gpts))))
+    return pair_for_turn(sample, index, fmt=fmt)
+
+
+def pair_for_turn(sample: Any, index: int, *, fmt: str) -> tuple[str, str]:
+    """The (query, target) of human turn ``index`` and the gpt turn after it."""
+    key, has_image = str(sample.key), sample.image is not None
+    query, target = sample.human_turns[index], sample.gpt_turns[index]
     if fmt == "pretrain" and query.count(IMAGE_PLACEHOLDER) != 1:
         raise PairError(f"sample {key}: a 558K query must hold exactly one {IMAGE_PLACEHOLDER}")
     if IMAGE_PLACEHOLDER in query:
@@ -90,14 +95,19 @@ def vlm2vec_pair(sample: Any, *, fmt: str, seed: int, epoch: int) -> tuple[str, 
 
 
 def check_samples(config: TrainExperimentConfig, samples: list[Any]) -> None:
-    """Every sample yields a pair for every possible turn (checked for epoch 0's draw and all turns' markers)."""
-    formats = {s.name: s.format for s in config.data.sources}
+    """Every turn any epoch can draw yields a valid pair (errors name the source, file and row; exit 2)."""
+    sources = {s.name: s for s in config.data.sources}
     for sample in samples:
+        fmt = sources[sample.source].format
+        turns = 1 if fmt == "pretrain" else min(len(sample.human_turns), len(sample.gpt_turns))
         try:
-            vlm2vec_pair(sample, fmt=formats[sample.source], seed=config.seed, epoch=0)
+            if turns == 0:
+                raise PairError(f"sample {sample.key}: no human/gpt turn pair")
+            for index in range(turns):
+                pair_for_turn(sample, index, fmt=fmt)
         except PairError as exc:
-            paths = {s.name: s.path for s in config.data.sources}
-            raise ConfigError(f"data.sources[{sample.source}] {paths[sample.source]} row {sample.row}: {exc}") from None
+            raise ConfigError(f"data.sources[{sample.source}] {sources[sample.source].path} row {sample.row}: "
+                              f"{exc}") from None
 
 
 class Vlm2VecEmbedder(nn.Module):
