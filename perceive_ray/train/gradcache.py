@@ -109,8 +109,11 @@ def run_step(
                 offsets[key] += rows
             term = (value * part.to(value.dtype)).sum()
             surrogate = term if surrogate is None else surrogate + term
-        if surrogate is None:  # nothing of this chunk reaches the loss (cannot happen for a contrastive job)
-            surrogate = sum(v.sum() * 0.0 for v in reps.values() if v.requires_grad)
+        if surrogate is None or not surrogate.requires_grad:
+            # No row of this chunk reaches the loss (its rows were dropped: unreadable images): backpropagate an exact
+            # zero through the trainable parameters, so the chunk still is one backward + step of the accumulation.
+            trainable = [p for p in engine.module.parameters() if p.requires_grad]
+            surrogate = torch.stack([p.sum() * 0.0 for p in trainable]).sum()
         engine.backward(surrogate, scale_wrt_gas=False)
         engine.step()
     return loss.detach(), {k: v.detach() for k, v in logs.items()}

@@ -192,28 +192,45 @@ class LlavaJob:
         return examples
 
     def collate_chunks(self, chunks: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
-        """Every chunk of the step, with the step's global supervised-token count (all chunks, all workers)."""
+        """Every chunk of the step, with the step's global supervised-token count (all chunks, all workers).
+
+        A chunk left without rows (its images were unreadable and dropped) becomes one dummy row (BOS + V image ids,
+        zero image, nothing supervised): it contributes an exact zero loss and gradient but keeps the step's number
+        of forward/backward passes, and the tower in the graph (ZeRO-3), on every rank."""
         batches = []
         for rows in chunks:
             examples = self.build_examples(rows)
-            batch = llava_labels.collate_examples(examples, self.pad_id) if examples else None
-            batches.append((rows, batch))
-        local = sum(int((b["labels"] != llava_labels.IGNORE_INDEX).sum()) for _, b in batches if b is not None)
+            if not examples:
+                rows, examples = self.dummy_rows(), [self.dummy_example()]
+            batches.append((rows, llava_labels.collate_examples(examples, self.pad_id)))
+        local = sum(int((b["labels"] != llava_labels.IGNORE_INDEX).sum()) for _, b in batches)
         total = torch.tensor(float(local), device=device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)
         if total.item() < 1:
-            raise RuntimeError("a step without any supervised token")
+            raise RuntimeError("a step without any supervised token (every row of it dropped or fully masked)")
         out = []
         for rows, batch in batches:
-            if batch is None:
-                raise RuntimeError("an empty chunk (every image of it unreadable)")
             out.append({"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device),
                         "attention_mask": batch["attention_mask"].to(device),
                         "pixels": torch.as_tensor(rows["pixels"]).to(device),
                         "has_image": torch.as_tensor(rows["has_image"], dtype=torch.bool).to(device),
                         "norm": total.clone()})
         return out
+
+    def dummy_example(self) -> Any:
+        tokenizer = self.parts.tokenizer
+        ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ids += [self.parts.image_token_id] * self.parts.num_visual_tokens
+        return llava_labels.TrainingExample(input_ids=ids, labels=[llava_labels.IGNORE_INDEX] * len(ids),
+                                            image_positions=(len(ids) - self.parts.num_visual_tokens, len(ids)),
+                                            num_rounds=0, key="<dummy>")
+
+    def dummy_rows(self) -> dict[str, Any]:
+        import numpy as np
+
+        size = tuple(self.module.llava.config.vision_config.image_size for _ in range(2))
+        return {"pixels": np.zeros((1, 3, *size), dtype=np.float32), "has_image": np.ones(1, dtype=bool)}
 
     def compute_loss(self, reps: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """world x (this chunk's summed token losses) / (global supervised tokens): DeepSpeed averages gradients
