@@ -103,6 +103,11 @@ def build_plan(config: TrainExperimentConfig, num_samples: int, lengths: Any = N
     else:
         lengths = np.asarray(lengths)
         per_epoch = int((lengths > 0).sum()) // global_batch + int((lengths < 0).sum()) // global_batch
+    if per_epoch == 0 and lengths is not None:
+        raise ConfigError(f"train.batch.global: neither the {int((lengths > 0).sum())} image rows nor the "
+                          f"{int((lengths < 0).sum())} text-only rows of the {num_samples} training samples "
+                          f"(data.sources) fill one single-modality mega-batch of {global_batch} "
+                          "(train.llava.group_by_modality_length); no full step fits in an epoch")
     if per_epoch == 0:
         raise ConfigError(f"train.batch.global: {global_batch} is larger than the {num_samples} training samples "
                           "(data.sources); no full step fits in an epoch")
@@ -215,7 +220,8 @@ def step_rows(plan: dict[str, int], *, order: str, lengths_path: str | None, see
     if order == "random":
         return llava_data.rank_rows(plan["num_samples"], seed=seed, epoch=epoch, step=step,
                                     global_batch=plan["global_batch"], world_size=plan["world_size"], rank=rank)
-    groups = _modality_groups(str(lengths_path), plan["global_batch"], seed, epoch)
+    stat = Path(lengths_path).stat()  # in the cache key: a run directory recreated under the same id is re-read
+    groups = _modality_groups(str(lengths_path), stat.st_mtime_ns, stat.st_size, plan["global_batch"], seed, epoch)
     per_rank = plan["global_batch"] // plan["world_size"]
     block = groups[step]
     if len(block) != plan["global_batch"]:
@@ -225,7 +231,8 @@ def step_rows(plan: dict[str, int], *, order: str, lengths_path: str | None, see
 
 
 @functools.lru_cache(maxsize=4)
-def _modality_groups(lengths_path: str, global_batch: int, seed: int, epoch: int) -> list[Any]:
+def _modality_groups(lengths_path: str, mtime_ns: int, size: int, global_batch: int, seed: int,
+                     epoch: int) -> list[Any]:
     import numpy as np
 
     from perceive_ray.train.llava_labels import modality_length_groups

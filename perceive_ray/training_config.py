@@ -253,6 +253,9 @@ class TrainExperimentConfig(StrictModel):
             if llava.stage == "projector" and llava.projector_lr is not None:
                 raise ValueError("train.llava.projector_lr: stage projector trains only the projector, at "
                                  "train.optim.lr")
+            if llava.projector_lr is not None and self.train.schedule.kind in ("cosine", "const"):
+                raise ValueError("train.llava.projector_lr: the open_clip schedules (train.schedule.kind cosine / "
+                                 "const) set every parameter group to train.optim.lr; use hf_cosine or linear")
             if llava.stage == "lora" and llava.vision_tower is not None:
                 raise ValueError("train.llava.vision_tower: stage lora starts from a Llava checkpoint (model.source: "
                                  "train:<stage-1 run id>), it assembles nothing")

@@ -114,8 +114,13 @@ def decode_conversation_rows(samples: list[dict[str, Any]], *, steps: np.ndarray
                              epochs: np.ndarray, spec: dict[str, Any]) -> dict[str, np.ndarray]:
     """LLaVA / VLM2Vec rows: every turn (JSON), and the image through the checkpoint's processor; a text-only row
     gets zeros (LLaVA runs a zero image through the tower for it). An unreadable image makes the row not ``ok``."""
+    from PIL import Image
+
     from perceive_ray.train.jobs.llava_common import preprocess_image
 
+    # what PIL raises for a missing, truncated, undecodable or oversized file (a ValueError stays an error: a
+    # processor that does not give spec["size"] is a configuration problem, not a bad row)
+    unreadable = (OSError, SyntaxError, EOFError, Image.DecompressionBombError)
     size = tuple(spec["size"])
     pixels = np.zeros((len(samples), 3, *size), dtype=np.float32)
     ok = np.ones(len(samples), dtype=bool)
@@ -124,7 +129,7 @@ def decode_conversation_rows(samples: list[dict[str, Any]], *, steps: np.ndarray
             continue
         try:
             pixels[i] = preprocess_image(sample["image"], spec)
-        except OSError as exc:  # missing, truncated or undecodable files (PIL raises OSError subclasses)
+        except unreadable as exc:
             print(f"[train] image of {sample['key']} unreadable: {exc}", file=sys.stderr, flush=True)
             ok[i] = False
     return {"step": steps, "slot": slots, "epoch": epochs,
