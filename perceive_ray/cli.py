@@ -424,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
         "data rows, images, model source) is checked before any worker starts; images stream through Ray Data CPU "
         "tasks; every rank checkpoints to <output_dir>/train/<run id>/ray; re-running the same --run-id resumes "
         "from the newest checkpoint (same data order); the finished model is exported to <run id>/export, which an "
-        "eval experiment names as train:<run id>. Rank 0 logs the loss curve to MLflow.",
+        "eval experiment names as train:<run id> (and a later training stage as model.source: train:<run id>, e.g. "
+        "LLaVA stage 2 from stage 1). Rank 0 logs the loss curve to MLflow.",
     )
     p.add_argument("experiment", help="training experiment YAML (kind: train)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.optim.lr=1e-5 train.clip.lock_image=false")
