@@ -52,17 +52,26 @@ class Tally:
     chance: dict[str, float] = field(default_factory=dict)
     excluded: dict[str, int] = field(default_factory=dict)  # incomplete groups left out of a grouped metric
     ties: int = 0
+    # Per-unit outcomes of the keys that are plain means of 0/1 outcomes, one (unit id, correct) per add(unit=...):
+    # what bootstrap intervals and paired tests between configurations resample (reports). A key that also got an
+    # add without a unit, or a weighted one, has no outcomes.
+    units: dict[str, list[tuple[str, bool]]] = field(default_factory=dict)
+    no_units: set[str] = field(default_factory=set)
 
     def declare(self, key: str, chance: float) -> None:
         self.correct.setdefault(key, 0)
         self.total.setdefault(key, 0)
         self.chance[key] = chance
 
-    def add(self, key: str, ok: bool, chance: float, weight: int = 1) -> None:
+    def add(self, key: str, ok: bool, chance: float, weight: int = 1, unit: str | None = None) -> None:
         if key not in self.chance:
             self.declare(key, chance)
         self.correct[key] += int(bool(ok)) * weight
         self.total[key] += weight
+        if unit is None or weight != 1:
+            self.no_units.add(key)
+        else:
+            self.units.setdefault(key, []).append((str(unit), bool(ok)))
 
     def exclude(self, key: str, chance: float, n: int = 1) -> None:
         """Leave ``n`` incomplete groups out of ``key`` (neither numerator nor denominator), and count them."""
@@ -73,6 +82,7 @@ class Tally:
     def add_fraction(self, key: str, numerator: int, denominator: int, chance: float) -> None:
         if key not in self.chance:
             self.declare(key, chance)
+        self.no_units.add(key)
         self.correct[key] += numerator
         self.total[key] += denominator
 
@@ -87,7 +97,8 @@ class Tally:
                 counts[f"{key}/excluded"] = self.excluded[key]
         counts["ties"] = self.ties
         counts.update(extra_counts)
-        return MetricReport(benchmark, metrics, chance, counts, tie_policy, label_errata)
+        outcomes = {k: list(v) for k, v in self.units.items() if k in metrics and k not in self.no_units}
+        return MetricReport(benchmark, metrics, chance, counts, tie_policy, label_errata, outcomes=outcomes)
 
 
 @dataclass
@@ -101,6 +112,22 @@ class MetricReport:
     notes: list[str] = field(default_factory=list)
     # Which scores-table column produced which metric keys ({"*": "score"} unless a score view was used).
     score_columns: dict[str, str] = field(default_factory=lambda: {"*": "score"})
+    # key -> [(unit id, correct)] for the keys that are means of per-unit 0/1 outcomes (see Tally.units); written
+    # to outcomes.parquet, not to metrics.json.
+    outcomes: dict[str, list[tuple[str, bool]]] = field(default_factory=dict)
+
+    def outcomes_table(self) -> Any:
+        """``metric``, ``unit``, ``correct`` (int8): one row per (metric key, unit)."""
+        import pyarrow as pa
+
+        metric, unit, correct = [], [], []
+        for key in sorted(self.outcomes):
+            for u, ok in self.outcomes[key]:
+                metric.append(key)
+                unit.append(u)
+                correct.append(int(ok))
+        return pa.table({"metric": pa.array(metric, pa.string()), "unit": pa.array(unit, pa.string()),
+                         "correct": pa.array(correct, pa.int8())})
 
     def to_dict(self) -> dict[str, Any]:
         return {

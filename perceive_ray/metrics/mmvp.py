@@ -80,9 +80,9 @@ def compute_mmvp(
         if benchmark == "mmvp_vlm" and item.group:
             keys.append(f"{item.group}/")
         for prefix in keys:
-            tally.add(f"{prefix}pair_acc", all(correct), PAIR_CHANCE)
-            for ok in correct:
-                tally.add(f"{prefix}individual_acc", ok, INDIVIDUAL_CHANCE)
+            tally.add(f"{prefix}pair_acc", all(correct), PAIR_CHANCE, unit=item.item_id)
+            for t, ok in enumerate(correct):
+                tally.add(f"{prefix}individual_acc", ok, INDIVIDUAL_CHANCE, unit=f"{item.item_id}/text{t}")
 
     report = tally.report(benchmark, tie_policy, label_errata, errata_pairs=len(swapped))
     if label_errata == "corrected":

@@ -30,8 +30,8 @@ def compute_sugarcrepe(
                 f"sugarcrepe item {item.item_id!r}: expected a 1x2 score grid, got shape {grid.shape}"
             )
         ok, tied = wins([float(grid[0, 0]), float(grid[0, 1])], 0, tie_policy)
-        tally.add("acc", ok, CHANCE)
+        tally.add("acc", ok, CHANCE, unit=item.item_id)
         if item.subset:
-            tally.add(f"{item.subset}/acc", ok, CHANCE)
+            tally.add(f"{item.subset}/acc", ok, CHANCE, unit=item.item_id)
         tally.ties += tied
     return tally.report(manifest.benchmark, tie_policy, label_errata, items=len(manifest.items))

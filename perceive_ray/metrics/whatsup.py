@@ -60,8 +60,8 @@ def compute_whatsup_controlled(
         any_tie = False
         for protocol, (ok, tied) in results.items():
             individual = CHANCE[protocol][0]
-            tally.add(f"{protocol}/individual_acc", ok, individual)
-            tally.add(f"{protocol}/{item.group}/individual_acc", ok, individual)
+            tally.add(f"{protocol}/individual_acc", ok, individual, unit=item.item_id)
+            tally.add(f"{protocol}/{item.group}/individual_acc", ok, individual, unit=item.item_id)
             outcome[protocol][item.pair_key][item.group].append(ok)
             ties[protocol] += tied
             any_tie |= tied
@@ -73,18 +73,19 @@ def compute_whatsup_controlled(
     groups = SET_GROUPS.get(manifest.items[0].subset, ()) if manifest.items else ()
     for protocol, by_key in outcome.items():
         _, pair_chance, set_chance = CHANCE[protocol]
-        for by_group in by_key.values():
+        for pair_key, by_group in by_key.items():
             complete_set = sorted(by_group) == sorted(groups) and all(len(oks) == 2 for oks in by_group.values())
             for group in sorted(set(by_group) | set(groups)):
                 oks = by_group.get(group, [])
                 if len(oks) == 2:
-                    tally.add(f"{protocol}/{group}/pair_acc", all(oks), pair_chance)
-                    tally.add(f"{protocol}/pair_acc", all(oks), pair_chance)
+                    tally.add(f"{protocol}/{group}/pair_acc", all(oks), pair_chance, unit=f"{pair_key}/{group}")
+                    tally.add(f"{protocol}/pair_acc", all(oks), pair_chance, unit=f"{pair_key}/{group}")
                 else:
                     tally.exclude(f"{protocol}/{group}/pair_acc", pair_chance)
                     tally.exclude(f"{protocol}/pair_acc", pair_chance)
             if complete_set:
-                tally.add(f"{protocol}/set_acc", all(all(oks) for oks in by_group.values()), set_chance)
+                tally.add(f"{protocol}/set_acc", all(all(oks) for oks in by_group.values()), set_chance,
+                          unit=str(pair_key))
             else:
                 tally.exclude(f"{protocol}/set_acc", set_chance)
     return tally.report(
@@ -101,7 +102,7 @@ def compute_whatsup_qa(
     tally = Tally()
     for item in manifest.items:
         ok, tied = wins([float(s) for s in grids[item.item_id][0]], 0, tie_policy)
-        tally.add("individual_acc", ok, 0.5)
-        tally.add(f"{item.group}/individual_acc", ok, 0.5)
+        tally.add("individual_acc", ok, 0.5, unit=item.item_id)
+        tally.add(f"{item.group}/individual_acc", ok, 0.5, unit=item.item_id)
         tally.ties += tied
     return tally.report(manifest.benchmark, tie_policy, label_errata, items=len(manifest.items))

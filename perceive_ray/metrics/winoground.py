@@ -111,12 +111,13 @@ def compute_winoground_family(
         if is_winoground:
             prefixes += _winoground_prefixes(item)
         for prefix in prefixes:
-            tally.add(f"{prefix}text_score", outcome["text"], CHANCE["text_score"])
-            tally.add(f"{prefix}image_score", outcome["image"], CHANCE["image_score"])
-            tally.add(f"{prefix}group_score", outcome["group"], CHANCE["group_score"])
+            unit = item.item_id
+            tally.add(f"{prefix}text_score", outcome["text"], CHANCE["text_score"], unit=unit)
+            tally.add(f"{prefix}image_score", outcome["image"], CHANCE["image_score"], unit=unit)
+            tally.add(f"{prefix}group_score", outcome["group"], CHANCE["group_score"], unit=unit)
             # Two halves per item keep the counts integral: individual = correct halves / (2 x items).
-            tally.add(f"{prefix}individual_acc", outcome["text0"], CHANCE["individual_acc"])
-            tally.add(f"{prefix}individual_acc", outcome["text1"], CHANCE["individual_acc"])
+            tally.add(f"{prefix}individual_acc", outcome["text0"], CHANCE["individual_acc"], unit=f"{unit}/text0")
+            tally.add(f"{prefix}individual_acc", outcome["text1"], CHANCE["individual_acc"], unit=f"{unit}/text1")
         tally.ties += outcome["ties"] > 0
         tied_comparisons += outcome["ties"]
     return tally.report(

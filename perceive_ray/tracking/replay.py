@@ -23,7 +23,7 @@ from perceive_ray.run_directory import (
 from perceive_ray.tracking.run_record import experiment_tags, flatten_tags
 from perceive_ray.tracking.tracker import MlflowTracker, resolve_tracking_uri
 
-ARTIFACTS = ("scores.parquet", "metrics.json", "errors.parquet")
+ARTIFACTS = ("scores.parquet", "metrics.json", "outcomes.parquet", "errors.parquet")
 
 
 def track_run_dir(run_dir: str | Path, *, uri: str | None = None, experiment: str | None = None,

@@ -450,3 +450,49 @@ def test_overwrite_replaces_the_new_roots_too(tmp_path):
     with pytest.raises(ValueError, match="not written by this generator"):
         generate(foreign, seed=0, pairs=1, overwrite=True)
     assert (foreign / "t2v").is_dir()
+
+
+# ---------------------------------------------------------------- per-unit outcomes (outcomes.parquet)
+# Every metric that is a mean of 0/1 outcomes gets exactly the units it averaged; their mean, count and correct sum
+# are the metric's own value and counts. Reports resample them (bootstrap intervals, paired tests).
+
+NO_UNITS = ("roc_auc",)  # keys that are not means of per-unit 0/1 outcomes
+
+
+def random_scores(manifest, seed: int):
+    rng = np.random.default_rng(seed)
+    ids, images, texts, scores = [], [], [], []
+    for item in manifest.items:
+        for i, _ in enumerate(item.images):
+            for t, _ in enumerate(item.texts):
+                ids.append(item.item_id)
+                images.append(i)
+                texts.append(t)
+                scores.append(float(rng.integers(0, 3)))  # ties happen too
+    return scores_table(ids, images, texts, scores)
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_outcomes_reproduce_every_mean_metric(manifests, name):
+    manifest = manifests[name]
+    report = compute_metrics(manifest, random_scores(manifest, seed=len(name)))
+    table = report.outcomes_table().to_pandas()
+    assert list(table.columns) == ["metric", "unit", "correct"] and str(table["correct"].dtype) == "int8"
+    for key, value in report.metrics.items():
+        rows = table[table["metric"] == key]
+        if key.endswith(NO_UNITS):
+            assert rows.empty, key
+            continue
+        assert len(rows) == report.counts[f"{key}/total"], key
+        assert rows["correct"].sum() == report.counts[f"{key}/correct"], key
+        assert rows["correct"].mean() == pytest.approx(value), key
+        assert rows["unit"].is_unique, key  # one outcome per unit: pairs by pair id, halves by text index
+    assert set(table["metric"]) <= set(report.metrics)
+
+
+def test_whatsup_pair_units_are_shared_by_two_configurations(manifests):
+    """The same unit ids come out of two different score sets: what a paired test matches on."""
+    manifest = manifests["whatsup_controlled_a"]
+    first = compute_metrics(manifest, random_scores(manifest, 1)).outcomes["2way/lr/pair_acc"]
+    second = compute_metrics(manifest, random_scores(manifest, 2)).outcomes["2way/lr/pair_acc"]
+    assert [u for u, _ in first] == [u for u, _ in second] and len(first) == 2
