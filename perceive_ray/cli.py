@@ -53,6 +53,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.files:
         try:
+            if _is_sweep(path):
+                _validate_sweep(path, smoke=args.smoke)
+                continue
             config = validate_file(path, args.overrides, smoke=True if args.smoke else None)
             if not args.schema_only and config.kind == "train":
                 _check_train_files(config, smoke=args.smoke)
@@ -66,6 +69,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
             what = f"train job {config.job}" if config.kind == "train" else ", ".join(b.name for b in config.benchmarks)
             print(f"ok  {path}{mode}  ({config.name}: {what})")
     return EXIT_BAD_INPUT if failed else 0
+
+
+def _is_sweep(path: str) -> bool:
+    from perceive_ray.config import read_yaml
+
+    try:
+        return read_yaml(path).get("kind") == "sweep"
+    except Exception:  # noqa: BLE001 (validate_file reports unreadable files with its own message)
+        return False
+
+
+def _validate_sweep(path: str, *, smoke: bool) -> None:
+    """A sweep file: its schema, then every trial's configs (as written and in smoke mode), no filesystem checks."""
+    from perceive_ray.config import read_yaml
+    from perceive_ray.sweep_config import check_sweep, load_sweep
+
+    modes = [True] if smoke else [False, True] if read_yaml(path).get("smoke") else [False]
+    for mode in modes:
+        sweep = load_sweep(path, smoke=mode)
+        points = len(check_sweep(sweep))
+        print(f"ok  {path}{' (smoke)' if mode else ''}  ({sweep.config.name}: sweep, {points} validated "
+              f"point(s) over {', '.join(sweep.config.search)})")
 
 
 def _check_files(config, *, smoke: bool) -> None:
@@ -195,6 +220,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         run_train(config, run_id=args.run_id, address=args.address, track=not args.no_track)
     except _run_errors() as exc:
+        raise CliError(str(exc)) from exc
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from perceive_ray.sweep_config import load_sweep
+
+    sweep = load_sweep(args.sweep, smoke=args.smoke)
+    from perceive_ray.run.inference import quiet_ray_data
+    from perceive_ray.run.sweep import run_sweep
+
+    quiet_ray_data()
+    summary = run_sweep(sweep, resume=args.resume, storage=args.storage, address=args.address,
+                        track=not args.no_track)
+    name = sweep.config.name
+    if summary["parent_run_id"]:
+        from perceive_ray.tracking.tracker import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(sweep.config.tracking.uri)
+        print(f"[sweep] MLflow: parent run {summary['parent_run_id']}, one child per trial; open them with:\n"
+              f"  mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {redact_uri(uri)}"
+              if uri.startswith("sqlite") else f"[sweep] MLflow runs at {redact_uri(uri)}")
+        print(f"[sweep] report: perceive-ray report --sweep {name} --out report/{name}")
+    else:
+        print(f"[sweep] report: perceive-ray report --sweep-dir {summary['folder']} --out report/{name}")
+    return 1 if summary["errored"] else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from perceive_ray.report.command import run_report
+    from perceive_ray.report.data import ReportError
+
+    try:
+        run_report(sweep=args.sweep, runs=args.runs, sweep_dir=args.sweep_dir, run_dirs=args.run_dirs,
+                   out=args.out, tracking_uri=args.tracking_uri, metrics=args.metric, n_resamples=args.resamples,
+                   seed=args.seed, title=args.title, log_to_parent=not args.no_log)
+    except ReportError as exc:
         raise CliError(str(exc)) from exc
     return 0
 
@@ -436,6 +498,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local instance)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "sweep", help="run a sweep file (Ray Tune over dotted overrides; trials train, then evaluate); resumable",
+        description="Run a sweep (kind: sweep): a base experiment and a search space of the same dotted keys as "
+        "overrides (grid, choice, uniform, loguniform, randint, quniform), spanning training and evaluation "
+        "factors. Every trial's configs are validated before any trial starts. Each trial is a Ray Tune trial that "
+        "trains (Ray Train + DeepSpeed, when the base experiment is kind: train) and evaluates (Ray Data); MLflow "
+        "gets one parent run per sweep and one child per trial. State lives in <storage>/<name> (shared storage "
+        "on a cluster): --resume after a killed driver continues the unfinished trials from their checkpoints, "
+        "with the same MLflow runs.",
+    )
+    p.add_argument("sweep", help="sweep YAML (kind: sweep), e.g. experiments/sweeps/token_usage.yaml")
+    p.add_argument("--smoke", action="store_true", help="apply the sweep's smoke block and the experiments' own "
+                   "(tiny models, synthetic data, CPU); prepares missing synthetic data and tiny models")
+    p.add_argument("--resume", action="store_true", help="continue the sweep in its storage folder (Tuner.restore)")
+    p.add_argument("--storage", help="storage folder (default: the file's storage_path, runs/sweeps)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local instance)")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow (trial records stay in the folder)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "report", help="paper-style tables with 95%% bootstrap intervals and paired tests (Markdown, HTML, PNG)",
+        description="Build the report of a sweep or of evaluation runs, from MLflow or from folders: rows = "
+        "configurations, columns = benchmark x metric, the chance row and the paper's number where PROTOCOLS §6 "
+        "has one; a 95% bootstrap interval (resampling items / pairs) per number and an exact McNemar test between "
+        "every two configurations on the same items. Writes OUT/index.md, OUT/index.html (self-contained), "
+        "OUT/plots/*.png, OUT/report.json; a sweep's report is also logged to its MLflow parent run.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--sweep", help="sweep name (its newest parent run in MLflow)")
+    source.add_argument("--runs", nargs="+", metavar="RUN_ID", help="MLflow run ids of evaluations")
+    source.add_argument("--sweep-dir", help="a sweep folder (<storage>/<name>), offline")
+    source.add_argument("--run-dirs", nargs="+", metavar="DIR", help="evaluation run folders, offline")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                   "sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--metric", action="extend", nargs="+", metavar="BENCH/METRIC",
+                   help="the table's columns, e.g. whatsup_controlled_a/2way/lr/pair_acc (default: each benchmark's "
+                   "headline metrics)")
+    p.add_argument("--resamples", type=int, default=10_000, metavar="N",
+                   help="bootstrap resamples per number (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--title", help="the report's title (default: from the source)")
+    p.add_argument("--no-log", action="store_true", help="--sweep: do not log the report to the parent run")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "score", help="score an experiment's benchmarks in one process (the reference path, no Ray)",

@@ -147,7 +147,8 @@ EvalConfig = ExperimentConfig
 # Root schemas by ``kind:`` (training and sweep experiments register theirs here): one loader for all of them.
 SCHEMAS: dict[str, type[StrictModel]] = {"eval": ExperimentConfig}
 # Schemas in their own modules, imported when first named (they import this module).
-LAZY_SCHEMAS: dict[str, str] = {"train": "perceive_ray.training_config:TrainExperimentConfig"}
+LAZY_SCHEMAS: dict[str, str] = {"train": "perceive_ray.training_config:TrainExperimentConfig",
+                                 "sweep": "perceive_ray.sweep_config:SweepConfig"}
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -307,6 +307,9 @@ def finish_benchmark(plan: EvaluationPlan, bench: BenchmarkPlan, describe: Mappi
     if describe and describe.get("score_columns") and len(report.score_columns) > 1:
         payload["score_column_prompts"] = describe["score_columns"]  # which prompt produced which column
     (bench.directory / "metrics.json").write_text(json.dumps(payload, indent=2))
+    import pyarrow.parquet as pq  # per-unit 0/1 outcomes: what a report's intervals and paired tests resample
+
+    pq.write_table(report.outcomes_table(), bench.directory / "outcomes.parquet")
     print(format_report(report.to_dict()))
     print(f"scores: {scores_path}  ({len(whole)}/{len(bench.target)} items; {errors.num_rows} unreadable image(s))")
     return BenchmarkResult(bench.name, report, scores_path, errors.num_rows, rows_now)
@@ -319,7 +322,7 @@ def log_benchmark(tracker: Tracker, benchmark: str, result: BenchmarkResult) -> 
     tracker.log_metrics({f"{benchmark}/{key}": value for key, value in result.report.metrics.items()} | excluded
                         | {f"{benchmark}/image_errors": float(result.errors),
                            f"{benchmark}/items_excluded": float(counts.get("items_excluded", 0))})
-    for name in ("scores.parquet", "metrics.json", "errors.parquet"):
+    for name in ("scores.parquet", "metrics.json", "outcomes.parquet", "errors.parquet"):
         path = result.scores_path.parent / name
         if path.is_file():
             tracker.log_artifact(path, benchmark)
@@ -350,9 +353,10 @@ def check_error_budget(plan: EvaluationPlan, results: Mapping[str, BenchmarkResu
 
 
 def run_evaluation(config: ExperimentConfig, executor: Executor, *, run_id: str | None = None,
-                   run_dir: Path | None = None, track: bool = True, on_error: str | None = None
-                   ) -> list[BenchmarkResult]:
+                   run_dir: Path | None = None, track: bool = True, on_error: str | None = None,
+                   attach_run: str | None = None) -> list[BenchmarkResult]:
     """Evaluate every benchmark of ``config`` with ``executor``; resumable by run id (see the module docstring).
+    ``attach_run``: log into that MLflow run (a sweep trial's child, which the sweep ends) instead of one per run.
 
     A tracking failure mid-run does not stop the scoring: the evaluation finishes, then raises
     TrackingFailedError naming the run directory (``perceive-ray track RUN_DIR`` logs it later)."""
@@ -363,7 +367,8 @@ def run_evaluation(config: ExperimentConfig, executor: Executor, *, run_id: str 
         # An unreachable tracking server fails here, before any model time.
         tracker = GuardedTracker(build_tracker(config.tracking.uri, config.tracking.experiment, enabled=track,
                                                timeout_s=config.tracking.timeout_s,
-                                               max_retries=config.tracking.max_retries))
+                                               max_retries=config.tracking.max_retries,
+                                               attach=(attach_run, "eval") if attach_run else None))
         rows = pending_rows(plan)
         session = _Session(plan, rows, tracker, executor)
         tags = experiment_tags(config, plan.identity, runner=executor.runner, run_id=plan.run_id)

@@ -92,17 +92,19 @@ def _start_reaper() -> None:
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def init_ray(address: str | None, *, log_to_driver: bool = False) -> bool:
+def init_ray(address: str | None, *, log_to_driver: bool = False, extra_cpus: int = 0) -> bool:
     """Connect to ``address`` / RAY_ADDRESS, else start a local instance. Returns whether we started it.
 
-    ``log_to_driver``: show the workers' output on this console (training progress is printed by rank 0)."""
+    ``log_to_driver``: show the workers' output on this console (training progress is printed by rank 0).
+    ``extra_cpus``: logical CPUs added to a local instance beyond the machine's (a sweep's waiting trial drivers)."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver)
+        ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver,
+                 num_cpus=(os.cpu_count() or 1) + extra_cpus if extra_cpus else None)
         _start_reaper()
     return True
 
@@ -306,8 +308,9 @@ def quiet_ray_data() -> None:
 
 
 def run_eval(config: ExperimentConfig, *, run_id: str | None = None, address: str | None = None,
-             track: bool = True, on_error: str | None = None):
+             track: bool = True, on_error: str | None = None, attach_run: str | None = None):
     """Evaluate ``config`` through Ray Data (the ``perceive-ray eval`` path); resumable by run id."""
     from perceive_ray.evaluation import run_evaluation
 
-    return run_evaluation(config, RayDataExecutor(address), run_id=run_id, track=track, on_error=on_error)
+    return run_evaluation(config, RayDataExecutor(address), run_id=run_id, track=track, on_error=on_error,
+                          attach_run=attach_run)

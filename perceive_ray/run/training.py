@@ -50,7 +50,12 @@ from perceive_ray.training import (
 )
 from perceive_ray.training_config import TrainExperimentConfig
 
-FAULT_ENV = "PERCEIVE_RAY_FAULT"  # "train_worker:<K>": the last rank dies once, just before step K (1-based) runs
+# "train_worker:<K>": the last rank dies once, just before step K (1-based) runs; "train_hold:<K>[:<marker>[:<end>]]":
+# it stalls there once (a sweep driver killed mid-trial, in tests), after the checkpoints of the steps before K are
+# registered; with a marker path, only the first run to get there stalls (the marker names its run directory), and
+# with <end>, only a run whose directory name ends with it (one trial of a sweep).
+FAULT_ENV = "PERCEIVE_RAY_FAULT"
+HOLD_S = 600
 CLIENT_STATE = "perceive_ray"
 READ_CPUS = 1.0  # what a Ray Data read task requests
 LOG_FILE = "train_log.jsonl"  # rank 0's logged metrics, one JSON line per logged step (run directory)
@@ -172,22 +177,32 @@ class RankDataset:
 
 # -- worker ------------------------------------------------------------------------------------------------------
 
-def fault_step() -> int | None:
+def fault_step(kind: str = "train_worker") -> int | None:
     value = os.environ.get(FAULT_ENV, "")
-    return int(value.split(":", 1)[1]) if value.startswith("train_worker:") else None
+    return int(value.split(":")[1]) if value.startswith(f"{kind}:") else None
 
 
 def maybe_die(run_dir: Path, step: int, rank: int, world: int) -> None:
-    """Fault injection: the last rank exits abruptly once, just before the configured (1-based) step runs."""
-    if fault_step() != step or rank != world - 1:
+    """Fault injection: the last rank exits abruptly (or stalls) once, just before the configured step runs."""
+    if rank != world - 1:
         return
-    marker = run_dir / f".fault-train_worker-{step}"
-    try:
-        marker.touch(exist_ok=False)
-    except FileExistsError:
-        return
-    print(f"[train] fault injection: rank {rank} exits at step {step}", file=sys.stderr, flush=True)
-    os._exit(1)
+    for kind in ("train_worker", "train_hold"):
+        if fault_step(kind) != step:
+            continue
+        parts = os.environ[FAULT_ENV].split(":")
+        if kind == "train_hold" and len(parts) > 3 and not run_dir.name.endswith(parts[3]):
+            continue
+        marker = Path(parts[2]) if kind == "train_hold" and len(parts) > 2 else run_dir / f".fault-{kind}-{step}"
+        try:
+            with open(marker, "x", encoding="utf-8") as handle:
+                handle.write(str(run_dir))
+        except FileExistsError:
+            return
+        print(f"[train] fault injection: rank {rank} {'exits' if kind == 'train_worker' else 'stalls'} at step "
+              f"{step}", file=sys.stderr, flush=True)
+        if kind == "train_worker":
+            os._exit(1)
+        time.sleep(HOLD_S)
 
 
 def format_eta(seconds: float) -> str:
@@ -347,6 +362,11 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[train] resumed from checkpoint {tag} at step {step}/{plan.total_steps}", flush=True)
     tracker = open_tracker(cfg) if rank == 0 else None
+    gauges = None
+    if rank == 0:  # live Prometheus gauges (dashboards/perceive_train.json); imported on rank 0 only
+        from perceive_ray.run.ray_metrics import TrainGauges
+
+        gauges = TrainGauges()
     shard = ray.train.get_dataset_shard(f"rank{rank}")
     started, first_step = time.monotonic(), step
     window_rows, window_start = 0, time.monotonic()
@@ -404,6 +424,8 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
                 tracker.log_metrics({k: v for k, v in metrics.items() if k != "train/step"}, step=step)
                 with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:  # the curve, also without MLflow
                     log.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        if gauges is not None:
+            gauges.update(metrics, job=config.job, run_id=run_dir.name)
         if step % config.train.checkpoint.every_steps == 0 or final:
             state = {"step": step, "epoch": step // plan.steps_per_epoch, "seed": config.seed,
                      "config_hash": cfg["config_hash"], "missing_images": missing,
@@ -472,8 +494,9 @@ def build_trainer(prepared: PreparedRun, tracking: dict[str, Any]) -> Any:
 
 
 def run_train(config: TrainExperimentConfig, *, run_id: str | None = None, address: str | None = None,
-              track: bool = True) -> dict[str, Any]:
-    """Prepare (all checks first), train on Ray Train + DeepSpeed, export, record. Returns ``result.json``."""
+              track: bool = True, attach_run: str | None = None) -> dict[str, Any]:
+    """Prepare (all checks first), train on Ray Train + DeepSpeed, export, record. Returns ``result.json``.
+    ``attach_run``: log into that MLflow run (a sweep trial's child) instead of one per run id."""
     from perceive_ray.run.inference import init_ray, shutdown_ray
     from perceive_ray.run_directory import RunLock
     from perceive_ray.tracking.training import TrainingTracking
@@ -485,7 +508,7 @@ def run_train(config: TrainExperimentConfig, *, run_id: str | None = None, addre
         return result
     plan, config = prepared.plan, prepared.config  # (model.source train:<id> resolved)
     with RunLock(prepared.run_dir):
-        tracking = TrainingTracking(config, prepared, enabled=track)
+        tracking = TrainingTracking(config, prepared, enabled=track, attach_run=attach_run)
         print(f"[train] run {prepared.run_id}: {config.job}, {plan.num_samples} samples, {plan.total_steps} steps "
               f"x {plan.global_batch} rows on {plan.world_size} worker(s) ({plan.chunks} chunk(s) each); "
               f"{'resuming' if prepared.resumed else 'starting'} in {prepared.run_dir}", flush=True)

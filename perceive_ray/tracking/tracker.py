@@ -187,11 +187,46 @@ class MlflowTracker:
             self.client.set_terminated(self.run_id, status=status)
 
 
+class AttachedTracker:
+    """Logs into a run someone else owns (a sweep trial's child run): the training and the evaluation of a trial
+    both log there. ``start`` reopens that run instead of creating one; tags get ``prefix.`` and top-level
+    artifacts go under ``prefix/`` (the train and eval stages both have a config.yaml); params are the owner's,
+    and ``finish`` leaves the status to the owner."""
+
+    def __init__(self, inner: MlflowTracker, run_id: str, prefix: str) -> None:
+        self.inner, self.attached, self.prefix = inner, run_id, prefix
+
+    @property
+    def run_id(self) -> str:
+        return self.inner.run_id
+
+    def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
+              resume_run_id: str | None = None) -> str:
+        run = self.inner.client.get_run(self.attached)  # fails (and is reported) if the owner's run is gone
+        self.inner.run_id = run.info.run_id
+        self.log_tags(tags)
+        return self.inner.run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.inner.log_metrics(metrics, step)
+
+    def log_tags(self, tags: Mapping[str, str]) -> None:
+        self.inner.log_tags({f"{self.prefix}.{k}": v for k, v in tags.items()})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.inner.log_artifact(path, artifact_path or self.prefix)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
 def build_tracker(uri: str | None, experiment: str, *, enabled: bool = True, timeout_s: float = 10.0,
-                  max_retries: int = 2) -> Tracker:
+                  max_retries: int = 2, attach: tuple[str, str] | None = None) -> Tracker:
+    """``attach``: (MLflow run id, prefix) of a run to log into instead of creating one (see AttachedTracker)."""
     if not enabled:
         return NullTracker()
-    return MlflowTracker(resolve_tracking_uri(uri), experiment, timeout_s=timeout_s, max_retries=max_retries)
+    tracker = MlflowTracker(resolve_tracking_uri(uri), experiment, timeout_s=timeout_s, max_retries=max_retries)
+    return AttachedTracker(tracker, *attach) if attach else tracker
 
 
 class GuardedTracker:
@@ -223,7 +258,7 @@ class GuardedTracker:
 
     def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
               resume_run_id: str | None = None) -> str:
-        if isinstance(self.inner, MlflowTracker):
+        if isinstance(self.inner, (MlflowTracker, AttachedTracker)):
             return self._call("start", self.inner.start, run_name, params, tags, resume_run_id) or ""
         return self._call("start", self.inner.start, run_name, params, tags) or ""
 

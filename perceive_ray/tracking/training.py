@@ -20,12 +20,14 @@ from perceive_ray.tracking.tracker import GuardedTracker, NullTracker, build_tra
 
 
 class TrainingTracking:
-    def __init__(self, config: Any, prepared: Any, *, enabled: bool = True) -> None:
+    def __init__(self, config: Any, prepared: Any, *, enabled: bool = True, attach_run: str | None = None) -> None:
+        """``attach_run``: log into that MLflow run (a sweep trial's child) instead of opening one per run id."""
         self.config, self.prepared = config, prepared
         tracking = config.tracking
         self.uri = resolve_tracking_uri(tracking.uri) if enabled else ""
         inner = build_tracker(self.uri or None, tracking.experiment, enabled=enabled, timeout_s=tracking.timeout_s,
-                              max_retries=tracking.max_retries)
+                              max_retries=tracking.max_retries,
+                              attach=(attach_run, "train") if attach_run else None)
         self.tracker = GuardedTracker(inner) if enabled else NullTracker()
         if not enabled:
             self.run_id = ""

@@ -29,10 +29,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_subcommand():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("validate", "ls", "data", "metrics"):
+    for command in ("validate", "ls", "data", "metrics", "sweep", "report"):
         assert command in result.stdout
-    for sub in (["validate"], ["ls"], ["data", "synth"], ["data", "manifest"], ["metrics"]):
+    for sub in (["validate"], ["ls"], ["data", "synth"], ["data", "manifest"], ["metrics"], ["sweep"], ["report"]):
         assert run_cli(*sub, "--help").returncode == 0
+
+
+def test_report_bad_source_exits_2_naming_it(tmp_path, capsys):
+    assert main(["report", "--sweep-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    assert str(tmp_path / "nope") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_ls(capsys):

@@ -1,0 +1,302 @@
+"""`perceive-ray sweep`: Ray Tune over a sweep file's search space; each trial trains (Ray Train) and evaluates.
+
+The trainable is a function (Train V2: ``Tuner(TorchTrainer)`` is not supported): a trial builds its configs from
+the base experiment + its dotted overrides, finds or creates its MLflow child run, then calls the same
+``run_train`` / ``run_eval`` as the CLI, both logging into that child (``attach_run``). Restart safety:
+
+- Tune's state lives in ``<sweep folder>/tune`` (``Tuner.restore`` on ``--resume``); trial ids survive a restore.
+- A trial's training run id is its Tune trial id, its run folder ``<sweep folder>/runs/train/<trial id>``: a
+  resumed trial's ``run_train`` finds that folder's checkpoints and continues from the newest one (Ray Train's own
+  restoration), and an already finished training is not repeated.
+- The MLflow parent id is stored in ``<sweep folder>/sweep.json``; a child is found again by its tags.
+- ``<sweep folder>/trials/<trial id>.json`` records each trial (overrides, label, status, run folders, metrics):
+  a report can be rebuilt from the folder alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from perceive_ray.config import ConfigError, config_record
+from perceive_ray.sweep_config import (
+    LoadedSweep,
+    SearchDimension,
+    build_trial_configs,
+    check_sweep,
+    grid_size,
+    published_row,
+    stage_run_id,
+    trial_label,
+)
+
+SWEEP_FILE = "sweep.json"
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+RUNS_DIR = "runs"
+
+
+def tune_domain(dim: SearchDimension) -> Any:
+    if dim.grid is not None:
+        return tune.grid_search(list(dim.grid))
+    if dim.choice is not None:
+        return tune.choice(list(dim.choice))
+    if dim.uniform is not None:
+        return tune.uniform(*dim.uniform)
+    if dim.loguniform is not None:
+        return tune.loguniform(*dim.loguniform)
+    if dim.randint is not None:
+        return tune.randint(*dim.randint)
+    return tune.quniform(*dim.quniform)
+
+
+def param_space(sweep: LoadedSweep) -> dict[str, Any]:
+    return {key: tune_domain(dim) for key, dim in sweep.config.search.items()}
+
+
+def fixed_overrides(folder: Path, uri: str, sweep: LoadedSweep) -> dict[str, Any]:
+    """What the sweep sets on every trial's configs: run folders inside the sweep folder, one MLflow store."""
+    fixed: dict[str, Any] = {"output_dir": str(folder / RUNS_DIR), "tracking.experiment": sweep.config.tracking.experiment}
+    if uri:
+        fixed["tracking.uri"] = uri
+    return fixed
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+# -- trial -------------------------------------------------------------------------------------------------------
+
+def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One trial (runs in a Tune trial actor): train if the base experiment trains, evaluate, report the metrics."""
+    from perceive_ray.run.inference import quiet_ray_data, run_eval
+    from perceive_ray.run.training import run_train
+
+    # Relative paths of the experiment files are relative to where the sweep was started: that folder when this
+    # node has it (a local Ray, a shared mount), else the worker's own (a job's working_dir on another node; Tune's
+    # move into the trial folder is switched off by the driver).
+    if Path(ctx["cwd"]).is_dir():
+        os.chdir(ctx["cwd"])
+    quiet_ray_data()
+    sweep = LoadedSweep.from_dict(ctx["sweep"])
+    folder, uri = Path(ctx["folder"]), ctx["uri"]
+    trial_id = tune.get_context().get_trial_id()
+    overrides = {key: params[key] for key in sweep.config.search}
+    label = trial_label(overrides)
+    fixed = fixed_overrides(folder, uri, sweep)
+    configs = build_trial_configs(sweep, overrides, fixed=fixed, trial_id=trial_id)
+    stages = len(configs.stages)
+    record_path = folder / TRIALS_DIR / f"{trial_id}.json"
+    record: dict[str, Any] = {
+        "trial_id": trial_id, "label": label, "overrides": overrides,
+        "published_row": published_row(sweep.config, overrides), "status": "RUNNING",
+        "eval_run_dir": str(folder / RUNS_DIR / trial_id),
+        "train_run_dirs": [str(folder / RUNS_DIR / "train" / stage_run_id(trial_id, i, stages))
+                           for i in range(stages)]}
+    tracker, child = None, None
+    if uri:
+        from perceive_ray.tracking.sweep import SweepTracker, trial_params
+
+        tracking = sweep.config.tracking
+        tracker = SweepTracker(uri, tracking.experiment, timeout_s=tracking.timeout_s,
+                               max_retries=tracking.max_retries)
+        child = tracker.child(ctx["parent_run_id"], trial_id, sweep=sweep.config.name, label=label,
+                              overrides=overrides,
+                              params=trial_params(configs.stages, None if stages else configs.evaluation),
+                              published_row=record["published_row"])
+        record["mlflow_run_id"] = child
+    print(f"[sweep] trial {trial_id}: {label}" + (f" (MLflow run {child})" if child else ""), flush=True)
+    write_json(record_path, record)
+    try:
+        for index, stage in enumerate(configs.stages):
+            # A later stage is loaded only now: its model.source (train:<previous stage>) resolves when it is
+            # prepared, and the previous stage has finished by then.
+            run_train(stage, run_id=stage_run_id(trial_id, index, stages), track=bool(uri), attach_run=child)
+        evaluation = configs.evaluation
+        if stages:
+            evaluation = build_trial_configs(sweep, overrides, fixed=fixed, trial_id=trial_id,
+                                             trained=True).evaluation
+            if tracker is not None:
+                from perceive_ray.tracking.tracker import flatten_params
+
+                tracker.log_params(child, {f"eval.{k}": v for k, v in
+                                           flatten_params(config_record(evaluation)).items()})
+        results = run_eval(evaluation, run_id=trial_id, track=bool(uri), attach_run=child)
+        metrics = {f"{r.benchmark}/{key}": float(value) for r in results for key, value in r.report.metrics.items()}
+    except BaseException as exc:
+        record.update(status="FAILED", error=f"{type(exc).__name__}: {exc}"[:2000])
+        write_json(record_path, record)
+        if tracker is not None:
+            tracker.end(child, "FAILED")
+        raise
+    record.update(status="FINISHED", metrics=metrics)
+    write_json(record_path, record)
+    if tracker is not None:
+        tracker.end(child, "FINISHED")
+    tune.report(metrics)
+
+
+# -- driver ------------------------------------------------------------------------------------------------------
+
+def check_resume(sweep: LoadedSweep, folder: Path, *, resume: bool) -> dict[str, Any]:
+    """The sweep folder's state: refused when it exists without --resume, or when --resume finds another sweep."""
+    state_path = folder / SWEEP_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if not resume:
+        if state or (folder / TUNE_DIR).exists():
+            raise ConfigError(f"sweep {sweep.config.name!r} already has a folder {folder}: continue it with --resume, "
+                              "or remove the folder / choose another --storage to start over")
+        return {}
+    if not state or not tune.Tuner.can_restore(str(folder / TUNE_DIR)):
+        raise ConfigError(f"--resume: no sweep state to resume in {folder} (start the sweep without --resume)")
+    before, now = state["sweep"]["config"], sweep.to_dict()["config"]
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k != "resources")
+    if changed or state["sweep"]["smoke"] != sweep.smoke:
+        what = changed + (["--smoke"] if state["sweep"]["smoke"] != sweep.smoke else [])
+        raise ConfigError(f"--resume: the sweep file changed since the sweep started ({', '.join(what)}); Tune "
+                          f"cannot change a search space on restore. Start a new sweep (another name or --storage)")
+    return state
+
+
+def run_sweep(sweep: LoadedSweep, *, resume: bool = False, storage: str | None = None, address: str | None = None,
+              track: bool = True) -> dict[str, Any]:
+    """Validate every trial, then run (or resume) the sweep; returns the summary written to ``summary.json``."""
+    from perceive_ray.run.inference import init_ray, quiet_ray_data, shutdown_ray
+    from perceive_ray.tracking.tracker import resolve_tracking_uri
+
+    config = sweep.config
+    folder = sweep.folder(storage)
+    state = check_resume(sweep, folder, resume=resume)
+    uri = resolve_tracking_uri(config.tracking.uri) if track else ""
+    fixed = fixed_overrides(folder, uri, sweep)
+    checked = check_sweep(sweep, fixed=fixed)  # every trial's configs, before anything runs
+    if sweep.smoke:
+        from perceive_ray.smoke import prepare_smoke
+
+        for configs in checked:
+            for cfg in configs.all():
+                prepare_smoke(cfg)
+    parent, tracker = "", None
+    if uri:
+        from perceive_ray.tracking.sweep import SweepTracker
+
+        tracker = SweepTracker(uri, config.tracking.experiment, timeout_s=config.tracking.timeout_s,
+                               max_retries=config.tracking.max_retries)
+        params = {"sweep.file": str(sweep.path), "sweep.experiment": json.dumps(config.experiment),
+                  "sweep.evaluate": json.dumps(config.evaluate.model_dump() if config.evaluate else None),
+                  "sweep.smoke": sweep.smoke,
+                  "sweep.objective": f"{config.objective.metric} ({config.objective.mode})",
+                  "sweep.num_samples": config.num_samples,
+                  **{f"search.{k}": json.dumps(d.model_dump(exclude_none=True)) for k, d in config.search.items()}}
+        parent = tracker.open_parent(config.name, params, {"perceive.sweep_folder": str(folder)},
+                                     resume_run_id=state.get("parent_run_id"))
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / SWEEP_FILE, {"name": config.name, "parent_run_id": parent, "tracking_uri": uri,
+                                     "experiment": config.tracking.experiment, "sweep": sweep.to_dict(),
+                                     "started": state.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    trials = grid_size(config) if all(d.grid is not None for d in config.search.values()) else config.num_samples
+    print(f"[sweep] {config.name}: {trials} trial(s) over {', '.join(config.search)}; "
+          f"{'resuming' if resume else 'starting'} in {folder}" + (f"; MLflow parent run {parent}" if parent else ""),
+          flush=True)
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # Tune hands it to the trials: keep their working directory
+    res = config.resources
+    # A local Ray (no cluster address) gets the machine's CPUs once per concurrent trial, plus the trials' own
+    # fractions: every trial's configs were checked to fit the machine alone, and concurrent trials on one machine
+    # share its cores (their Ray Train and Ray Data startups mostly wait).
+    cores = os.cpu_count() or 1
+    started_ray = init_ray(address, log_to_driver=True,
+                           extra_cpus=cores * (res.max_concurrent_trials - 1)
+                           + math.ceil(res.trial_cpus * res.max_concurrent_trials))
+    quiet_ray_data()
+    status = "FAILED"
+    try:
+        ctx = {"sweep": sweep.to_dict(), "folder": str(folder), "cwd": os.getcwd(), "uri": uri,
+               "parent_run_id": parent}
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
+                                        {"cpu": res.trial_cpus, "gpu": res.trial_gpus})
+        if resume:
+            tuner = tune.Tuner.restore(str(folder / TUNE_DIR), trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            from ray.tune.search.basic_variant import BasicVariantGenerator
+
+            tuner = tune.Tuner(
+                trainable, param_space=param_space(sweep),
+                tune_config=tune.TuneConfig(num_samples=config.num_samples,
+                                            max_concurrent_trials=res.max_concurrent_trials,
+                                            # BasicVariantGenerator's own limit: TuneConfig's is not
+                                            # applied to a search_alg passed in (4 trials ran at once).
+                                            search_alg=BasicVariantGenerator(
+                                                random_state=config.seed,
+                                                max_concurrent=res.max_concurrent_trials)),
+                run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(folder),
+                                          failure_config=tune.FailureConfig(max_failures=res.max_failures),
+                                          callbacks=progress_callbacks(sweep)))
+        grid = tuner.fit()
+        summary = summarize(sweep, folder, grid, parent)
+        status = "FINISHED" if not summary["errored"] else "FAILED"
+        return summary
+    finally:
+        if tracker is not None and parent:
+            try:
+                finish_parent(tracker, parent, folder, status)
+            except Exception as exc:  # noqa: BLE001 (the trials' results are in the sweep folder either way)
+                print(f"warning: could not close the MLflow parent run {parent}: {exc}", file=sys.stderr)
+        if started_ray:
+            shutdown_ray()
+
+
+def progress_callbacks(sweep: LoadedSweep) -> list[Any]:
+    """The live sweep gauges (dashboards/perceive_train.json) and a progress line per trial state change."""
+    from perceive_ray.run.ray_metrics import SweepProgressCallback
+
+    return [SweepProgressCallback(sweep.config.name, sweep.config.objective.metric, sweep.config.objective.mode)]
+
+
+def summarize(sweep: LoadedSweep, folder: Path, grid: Any, parent: str) -> dict[str, Any]:
+    """Per trial: label, status, objective (from the trial records, which survive restores); best trial."""
+    objective = sweep.config.objective
+    records = [json.loads(p.read_text()) for p in sorted((folder / TRIALS_DIR).glob("*.json"))]
+    errored = [str(getattr(r, "error", "")) for r in grid if getattr(r, "error", None)]
+    finished = [r for r in records if r["status"] == "FINISHED"]
+    sign = 1 if objective.mode == "max" else -1
+    best = max(finished, key=lambda r: sign * r["metrics"].get(objective.metric, -sign * math.inf), default=None)
+    summary = {"name": sweep.config.name, "folder": str(folder), "parent_run_id": parent,
+               "objective": objective.model_dump(), "trials": records, "errored": errored,
+               "best": best and {"trial_id": best["trial_id"], "label": best["label"],
+                                 "value": best["metrics"].get(objective.metric)}}
+    write_json(folder / "summary.json", summary)
+    width = max([len(r["label"]) for r in records] + [5])
+    print(f"\n[sweep] {sweep.config.name}: {len(finished)}/{len(records)} trial(s) finished; objective "
+          f"{objective.metric} ({objective.mode})")
+    for r in sorted(records, key=lambda r: r["label"]):
+        value = r.get("metrics", {}).get(objective.metric)
+        shown = f"{100 * value:6.1f}%" if isinstance(value, float) else "     -"
+        print(f"  {r['label']:<{width}}  {r['status']:<9} {shown}")
+    if errored:
+        print(f"[sweep] {len(errored)} trial(s) failed: {errored[0][:500]}", file=sys.stderr)
+    return summary
+
+
+def finish_parent(tracker: Any, parent: str, folder: Path, status: str) -> None:
+    summary_path = folder / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        finished = sum(r["status"] == "FINISHED" for r in summary["trials"])
+        metrics = {"trials_finished": finished, "trials_failed": len(summary["trials"]) - finished}
+        if summary["best"] and summary["best"]["value"] is not None:
+            metrics[f"best/{summary['objective']['metric']}"] = summary["best"]["value"]
+        tracker.log_metrics(parent, metrics)
+        tracker.log_artifact(parent, summary_path)
+    tracker.end(parent, status)
