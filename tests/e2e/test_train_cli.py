@@ -1,22 +1,17 @@
 """`perceive-ray train` from the command line: train -> MLflow loss curve -> eval of the trained model by run id;
-a training driver killed with SIGKILL and rerun with the same run id resumes (and ends where an uninterrupted run
-ends); bad input fails with exit 2 before any worker starts."""
+the LLaVA stage chain; bad input fails with exit 2 before any worker starts. (A killed training driver resumed to
+the uninterrupted run's weights: tests/e2e/test_sweep.py, where the killed driver is a sweep's.)"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from tests.fixtures.mlflow_server import mlflow_server
 
@@ -35,7 +30,7 @@ def run(workdir: Path, *args: str, timeout: int = 400) -> subprocess.CompletedPr
     return done
 
 
-def test_train_then_eval_by_run_id_with_the_loss_curve_in_mlflow(tmp_path):
+def test_train_logs_its_resolved_config_and_loss_curve_to_mlflow(tmp_path):
     from mlflow import MlflowClient
 
     with mlflow_server(tmp_path) as uri:
@@ -52,60 +47,8 @@ def test_train_then_eval_by_run_id_with_the_loss_curve_in_mlflow(tmp_path):
         assert {"train/lr", "train/samples_per_s", "train/step_time_s"} <= set(mlrun.data.metrics)
         assert mlrun.data.tags["export"].endswith("runs/train/ft/export")
 
-    eval_exp = str(REPO / "experiments/eval/clip_whatsup.yaml")
-    common = ["--smoke", "--no-track", "benchmarks=[{name: whatsup_controlled_a, root: synth/whatsup, limit: 4}]"]
-    run(tmp_path, "eval", eval_exp, *common, "--run-id", "trained", "model.source=train:ft")
-    run(tmp_path, "eval", eval_exp, *common, "--run-id", "untrained")
-
-    def scores(run_id: str) -> list[float]:
-        table = pq.read_table(tmp_path / "runs" / run_id / "whatsup_controlled_a" / "scores.parquet")
-        return table.sort_by([("item_id", "ascending"), ("image_index", "ascending"),
-                              ("text_index", "ascending")]).column("score").to_pylist()
-
-    trained, untrained = scores("trained"), scores("untrained")
-    assert len(trained) == len(untrained) == 16
-    assert trained != untrained
-    record = json.loads((tmp_path / "runs/trained/run_record.json").read_text())
-    assert "runs/train/ft/export" in json.dumps(record)
-
-
-def train_command(run_id: str) -> list[str]:
-    return cli("train", str(REPO / "experiments/train/pacl_rope.yaml"), "--smoke", "--no-track", "--run-id", run_id,
-               "train.max_steps=8", "train.epochs=2", "train.checkpoint.every_steps=2")
-
-
-def test_killed_driver_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    first_checkpoint = tmp_path / "runs/train/killed/ray/step_00000002"
-    process = subprocess.Popen(train_command("killed"), cwd=tmp_path, env=ENV, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not (tmp_path / "runs/train/killed/ray/checkpoint_manager_snapshot.json").exists() \
-                or not first_checkpoint.exists():
-            assert process.poll() is None, "training ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started (its own session)
-        process.wait()
-    assert not (tmp_path / "runs/train/killed/result.json").exists(), "training finished before the kill"
-
-    resumed = subprocess.run(train_command("killed"), cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                             timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    output = resumed.stdout + resumed.stderr
-    assert "resuming in" in output and "resumed from checkpoint step_" in output
-    log = [json.loads(line) for line in (tmp_path / "runs/train/killed/train_log.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == 8
-    fresh = subprocess.run(train_command("fresh"), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=400)
-    assert fresh.returncode == 0, fresh.stderr[-4000:]
-    a = load_file(str(tmp_path / "runs/train/killed/export/head.safetensors"))
-    b = load_file(str(tmp_path / "runs/train/fresh/export/head.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # A finished run id is not trained again.
-    again = subprocess.run(train_command("killed"), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "already finished" in again.stdout
+    # `eval model.source=train:<run id>` from the command line: the LLaVA chain below (and the sweep e2e, where
+    # every trial evaluates its training run's export).
 
 
 @pytest.mark.parametrize("override, message", [
@@ -151,13 +94,8 @@ def test_llava_cls_stage1_then_stage2_then_vqascore_eval_chain_by_run_id(tmp_pat
     eval_exp = str(REPO / "experiments/eval/llava15_lora_cls_whatsup.yaml")
     common = ["--smoke", "--no-track", "benchmarks=[{name: whatsup_controlled_a, root: synth/whatsup, limit: 4}]"]
     run(tmp_path, "eval", eval_exp, *common, "--run-id", "cls_trained", "model.source=train:llava15_cls_lora")
-    run(tmp_path, "eval", eval_exp, *common, "--run-id", "cls_tiny")
-    scores = {}
-    for run_id in ("cls_trained", "cls_tiny"):
-        table = pq.read_table(tmp_path / "runs" / run_id / "whatsup_controlled_a" / "scores.parquet")
-        scores[run_id] = table.sort_by([("item_id", "ascending"), ("image_index", "ascending"),
-                                        ("text_index", "ascending")]).column("score").to_pylist()
-    assert len(scores["cls_trained"]) == 16 and scores["cls_trained"] != scores["cls_tiny"]
+    table = pq.read_table(tmp_path / "runs/cls_trained/whatsup_controlled_a/scores.parquet")
+    assert table.num_rows == 16 and all(0.0 <= s <= 1.0 for s in table.column("score").to_pylist())
     record = json.loads((tmp_path / "runs/cls_trained/run_record.json").read_text())
     assert "runs/train/llava15_cls_lora/export" in json.dumps(record)
 
