@@ -1,6 +1,6 @@
-"""`perceive-ray train` from the command line: train -> MLflow loss curve -> eval of the trained model by run id;
-the LLaVA stage chain; bad input fails with exit 2 before any worker starts. (A killed training driver resumed to
-the uninterrupted run's weights: tests/e2e/test_sweep.py, where the killed driver is a sweep's.)"""
+"""`perceive-ray train` from the command line: the LLaVA stage chain by run id, then the eval of train:<run id>; bad
+input fails with exit 2 before any worker starts. (A training run's own MLflow run: tests/ray/test_training.py; a
+killed training driver resumed to the uninterrupted run's weights: tests/e2e/test_sweep.py.)"""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from tests.fixtures.mlflow_server import mlflow_server
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -28,27 +26,6 @@ def run(workdir: Path, *args: str, timeout: int = 400) -> subprocess.CompletedPr
     done = subprocess.run(cli(*args), cwd=workdir, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
     return done
-
-
-def test_train_logs_its_resolved_config_and_loss_curve_to_mlflow(tmp_path):
-    from mlflow import MlflowClient
-
-    with mlflow_server(tmp_path) as uri:
-        run(tmp_path, "train", str(REPO / "experiments/train/clip_negclip_lock.yaml"), "--smoke", "--run-id", "ft",
-            f"tracking.uri={uri}", "train.clip.lock_image=false", "train.optim.lr=1e-3")
-        state = json.loads((tmp_path / "runs/train/ft/tracking.json").read_text())
-        client = MlflowClient(uri)
-        mlrun = client.get_run(state["mlflow_run_id"])
-        assert mlrun.info.status == "FINISHED"
-        assert mlrun.data.params["train.batch.global"] == "8"  # the dotted keys of the resolved config
-        assert mlrun.data.params["train.loss.kind"] == "negclip"
-        curve = client.get_metric_history(mlrun.info.run_id, "train/loss")
-        assert sorted(m.step for m in curve) == [1, 2, 3, 4]
-        assert {"train/lr", "train/samples_per_s", "train/step_time_s"} <= set(mlrun.data.metrics)
-        assert mlrun.data.tags["export"].endswith("runs/train/ft/export")
-
-    # `eval model.source=train:<run id>` from the command line: the LLaVA chain below (and the sweep e2e, where
-    # every trial evaluates its training run's export).
 
 
 @pytest.mark.parametrize("override, message", [

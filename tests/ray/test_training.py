@@ -40,12 +40,12 @@ def workdir(tmp_path_factory, ray_local):
         os.chdir(previous)
 
 
-def train(workdir: Path, experiment: Path, run_id: str, **overrides):
+def train(workdir: Path, experiment: Path, run_id: str, *, track: bool = False, **overrides):
     from perceive_ray.run.training import run_train
 
     os.chdir(workdir)
     config = load_config(experiment, {"output_dir": str(workdir / "runs"), **overrides}, smoke=True)
-    result = run_train(config, run_id=run_id, track=False)
+    result = run_train(config, run_id=run_id, track=track)
     run_dir = workdir / "runs/train" / run_id
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     return result, run_dir, log
@@ -98,7 +98,12 @@ def test_clip_zero3_unlocked_trains_and_exports_full_weights(workdir):
 def test_heads_train_under_zero2_and_store_their_spec(workdir, kind):
     from perceive_ray.models.heads.pacl import load_head_file
 
-    result, run_dir, log = train(workdir, HEADS_EXP, f"head_{kind}", **REPEAT, **{"train.heads.kind": kind})
+    # the first one also logs to MLflow (its own run; a sweep trial's is tests/e2e/test_sweep.py)
+    tracking = {"tracking.uri": f"sqlite:///{workdir / 'mlflow.db'}"} if kind == "pacl" else {}
+    result, run_dir, log = train(workdir, HEADS_EXP, f"head_{kind}", track=bool(tracking), **REPEAT,
+                                 **{"train.heads.kind": kind}, **tracking)
+    if tracking:
+        check_tracked_run(tracking["tracking.uri"], run_dir, steps=len(log))
     losses = epoch_losses(log)
     assert losses[-1] < losses[0], losses
     state, spec = load_head_file(Path(result["export"]) / "head.safetensors")
@@ -110,6 +115,22 @@ def test_heads_train_under_zero2_and_store_their_spec(workdir, kind):
         assert spec.pooling == "uniform"
     if kind == "sparc_rope":
         assert "train/local_loss" in log[-1] and "train/global_loss" in log[-1]
+
+
+def check_tracked_run(uri: str, run_dir: Path, *, steps: int) -> None:
+    """One MLflow run per run id: the resolved config as dotted params, rank 0's per-step curves, the export."""
+    from mlflow import MlflowClient
+
+    state = json.loads((run_dir / "tracking.json").read_text())
+    client = MlflowClient(uri)
+    run = client.get_run(state["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and state["status"] == "FINISHED"
+    assert run.data.params["train.heads.kind"] == "pacl" and run.data.params["train.batch.global"] == "8"
+    curve = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in curve) == list(range(1, steps + 1))
+    assert {"train/lr", "train/samples_per_s", "train/step_time_s"} <= set(run.data.metrics)
+    assert run.data.tags["export"] == str(run_dir / "export")
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "result.json"}
 
 
 def test_siglip_with_negatives_trains_its_logit_bias(workdir):

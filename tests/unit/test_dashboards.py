@@ -110,11 +110,10 @@ def trial(trial_id, status="PENDING", **last_result):
 
 
 def test_train_gauges_update_without_ray():
-    import ray
-
+    """Outside a Ray worker recording is a no-op; in the full suite another test may have left Ray initialised in
+    this process, where recording is real: both must work the same."""
     from perceive_ray.run.ray_metrics import TrainGauges
 
-    assert not ray.is_initialized()
     gauges = TrainGauges()
     assert gauges._gauges is None  # created at the first update (rank 0 only)
     gauges.update({"train/loss": 1.5, "train/lr": 1e-4, "train/step": 3}, job="clip_finetune", run_id="r1")
