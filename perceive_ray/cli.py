@@ -280,13 +280,15 @@ def cmd_convert_llava(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from perceive_ray.run.demo import run_demo
+    from perceive_ray.run.demo import SWEEP_FILE, run_demo
 
     experiments = Path(args.experiments_dir)
-    if not (experiments / "eval" / "clip_whatsup.yaml").is_file():
-        raise CliError(f"{experiments}: no eval/clip_whatsup.yaml here; run from the repository root or pass "
+    if not (experiments / "sweeps" / SWEEP_FILE).is_file():
+        raise CliError(f"{experiments}: no sweeps/{SWEEP_FILE} here; run from the repository root or pass "
                        "--experiments-dir")
-    run_demo(Path(args.workdir), experiments_dir=experiments / "eval", seed=args.seed, pairs=args.pairs,
+    if args.seed < 0:
+        raise CliError(f"--seed must be a non-negative integer, got {args.seed}")
+    run_demo(Path(args.workdir), experiments_dir=experiments, seed=args.seed, quick=args.quick, resume=args.resume,
              tracking_uri=args.tracking_uri, address=args.address)
     return 0
 
@@ -455,14 +457,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert_llava)
 
     p = sub.add_parser(
-        "demo", help="the main job on embedded defaults: synthetic What'sUp, tiny CLIP and LLaVA, Ray, MLflow",
-        description="Generate the synthetic What'sUp benchmark, build a tiny CLIP and a tiny LLaVA, evaluate both "
-        "through the Ray Data pipeline (local Ray) with the real experiment files in smoke mode, log both runs to a "
-        "local MLflow store, and print a What'sUp 2-way table with chance levels and the `mlflow ui` command.",
+        "demo", help="the main job on embedded defaults: the paper's controlled study in miniature on 2 CPU cores",
+        description="Write a synthetic world (relation-free web captions, LLaVA-format relation data, held-out "
+        "What'sUp A/B), pretrain a tiny CLIP on it (Ray Train), then read its frozen encoder six ways as one sweep "
+        "(experiments/sweeps/demo_study.yaml: [CLS] cosine, NegCLIP lock-image, PACL, PACL + RoPE, tiny LLaVA by "
+        "VQAScore, LLaVA-cls), log everything to MLflow, write the report and print the What'sUp table with the "
+        "paper's rows, 95%% intervals and one verdict per ordering of the paper decided by a paired test.",
     )
-    p.add_argument("--workdir", default="runs/demo", help="where data, tiny models, runs and mlflow.db go")
-    p.add_argument("--pairs", type=int, default=8, help="object pairs per What'sUp subset (default 8)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default="runs/demo", help="where the world, models, sweep, report and mlflow.db go")
+    p.add_argument("--quick", action="store_true", help="smaller world, 200 steps per training run (CI, ~3 min)")
+    p.add_argument("--seed", type=int, default=0, help="world, model init and training seed (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --workdir")
     p.add_argument("--experiments-dir", default="experiments", help="the repository's experiments/ folder")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<workdir>/mlflow.db)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local instance)")

@@ -13,6 +13,11 @@ loss), and it may switch the trial's ``experiment`` and ``evaluate`` (an untrain
 LLaVA's VQAScore beside a trained VLM2Vec). ``experiment`` may list training stages, run in order; a later stage
 whose file reads ``model.source: train:<...>`` gets the previous stage's run.
 
+``shared:`` lists training runs made ONCE, before any trial, by the sweep driver (a CLIP pretrained from scratch
+that every variant then starts from): an override value ``shared:<id>`` anywhere in the trials' overrides names
+that run's export (a path). While the shared runs have not finished, checks read the shared run's starting
+``model.source`` in its place (same architecture), so every trial is still validated before anything runs.
+
 Everything is checked before a trial starts (``check_sweep``): each grid point, and each choice value / range end
 of the other dimensions, builds and validates its configs; a bad key fails the sweep naming the sweep file, the trial
 and the key. No Ray, no MLflow here (``perceive_ray.run.sweep`` runs it).
@@ -43,6 +48,7 @@ from perceive_ray.config import (
 EVAL_PREFIX = "eval."
 EVAL_ONLY_TOP = ("scorer", "benchmarks", "metrics", "on_error", "max_error_fraction")
 RANGE_KINDS = ("uniform", "loguniform", "randint", "quniform")
+SHARED_REF = "shared:"
 
 
 class SearchDimension(StrictModel):
@@ -123,6 +129,15 @@ class SweepTracking(StrictModel):
     max_retries: int = Field(default=2, ge=0)
 
 
+class SharedStage(StrictModel):
+    """A training run every trial builds on, made once by the driver (run id = ``id``, in the sweep's run folder)."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    experiment: str  # a kind: train file, relative to the sweep file
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    label: str = ""
+
+
 class SweepConfig(StrictModel):
     kind: Literal["sweep"]
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -142,7 +157,15 @@ class SweepConfig(StrictModel):
     # Paper rows (PROTOCOLS §6) a trial reproduces: row name -> the overrides that select it (all must match; a
     # bundle matches by its label).
     published: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    shared: list[SharedStage] = Field(default_factory=list)
     smoke: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _shared_ids(self) -> SweepConfig:
+        ids = [s.id for s in self.shared]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"shared: ids must be unique, got {ids}")
+        return self
 
 
 class LoadedSweep:
@@ -307,13 +330,54 @@ def stage_run_id(trial_id: str, index: int, count: int) -> str:
     return trial_id if count == 1 else f"{trial_id}-stage{index + 1}"
 
 
+def shared_configs(sweep: LoadedSweep, *, fixed: Mapping[str, Any] = ()) -> list[tuple[SharedStage, Any]]:
+    """Each ``shared:`` run's validated training config (ConfigError naming the sweep file and the shared id)."""
+    out = []
+    for stage in sweep.config.shared:
+        path = sweep.resolve(stage.experiment)
+        try:
+            if _kind(path, "experiment", sweep.path) != "train":
+                raise ConfigError(f"experiment: {path} is not a training experiment (kind: train)")
+            out.append((stage, load_config(path, {**stage.overrides, **dict(fixed)}, smoke=sweep.smoke)))
+        except ConfigError as exc:
+            raise ConfigError(f"{sweep.path}: shared: {stage.id}: {exc}") from None
+    return out
+
+
+def shared_stand_ins(configs: list[tuple[SharedStage, Any]]) -> dict[str, str]:
+    """``shared:<id>`` -> the shared run's starting model.source: what checks read before that run has finished."""
+    refs = {}
+    for stage, config in configs:
+        source = Path(str(config.model.source)).expanduser()
+        refs[stage.id] = str(source.resolve()) if source.exists() else str(config.model.source)
+    return refs
+
+
+def substitute_shared(values: Mapping[str, Any], refs: Mapping[str, str], *, source: Path) -> dict[str, Any]:
+    """Override values ``shared:<id>`` replaced by ``refs[id]`` (a path); ConfigError for an undeclared id."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, str) and value.startswith(SHARED_REF):
+            name = value.removeprefix(SHARED_REF)
+            if name not in refs:
+                raise ConfigError(f"{source}: {key}: {value!r} names no shared run (shared: declares "
+                                  f"{sorted(refs) or 'none'})")
+            value = refs[name]
+        out[key] = value
+    return out
+
+
 def build_trial_configs(sweep: LoadedSweep, overrides: Mapping[str, Any], *, fixed: Mapping[str, Any] = (),
-                        trial_id: str | None = None, trained: bool = False) -> TrialConfigs:
+                        trial_id: str | None = None, trained: bool = False,
+                        shared: Mapping[str, str] | None = None) -> TrialConfigs:
     """Load and validate one trial's configs. ``fixed``: what the sweep driver sets on every config (output_dir,
     tracking). ``trial_id``: chains the stages (a later stage whose model.source is ``train:<...>`` reads the
     previous stage's run). ``trained``: the training has run, so the eval's ``evaluate.trained`` keys get
-    ``train:<last stage's run id>`` (before that, the eval validates with those keys as its file has them)."""
+    ``train:<last stage's run id>`` (before that, the eval validates with those keys as its file has them).
+    ``shared``: what ``shared:<id>`` values become (the shared runs' exports, or their stand-ins before)."""
     plan = plan_trial(sweep, overrides)
+    plan.base = substitute_shared(plan.base, shared or {}, source=sweep.path)
+    plan.evaluation_overrides = substitute_shared(plan.evaluation_overrides, shared or {}, source=sweep.path)
     stages = []
     for index, path in enumerate(plan.stages):
         chained = {}
@@ -343,9 +407,13 @@ def probe_points(sweep: SweepConfig) -> Iterator[dict[str, Any]]:
                 yield {**first, key: value}
 
 
-def check_sweep(sweep: LoadedSweep, *, fixed: Mapping[str, Any] = ()) -> list[TrialConfigs]:
-    """Validate every probe point's configs; ConfigError naming the sweep file, the trial and the key."""
+def check_sweep(sweep: LoadedSweep, *, fixed: Mapping[str, Any] = (),
+                shared: Mapping[str, str] | None = None) -> list[TrialConfigs]:
+    """Validate every probe point's configs; ConfigError naming the sweep file, the trial and the key.
+    ``shared``: ``shared:<id>`` values (default: the shared runs' stand-ins, see ``shared_stand_ins``)."""
     config = sweep.config
+    if shared is None:
+        shared = shared_stand_ins(shared_configs(sweep, fixed=fixed))
     for row, when in config.published.items():
         unknown = sorted(set(when) - set(config.search))
         if unknown:
@@ -354,7 +422,7 @@ def check_sweep(sweep: LoadedSweep, *, fixed: Mapping[str, Any] = ()) -> list[Tr
     checked = []
     for point in probe_points(config):
         try:
-            configs = build_trial_configs(sweep, point, fixed=fixed)
+            configs = build_trial_configs(sweep, point, fixed=fixed, shared=shared)
             for key in configs.plan.trained:
                 if not re.fullmatch(r"model\.source|scorer\.options\.[A-Za-z0-9_]+", key):
                     raise ConfigError(f"evaluate.trained: {key!r}: train:<run id> is read by model.source and "

@@ -116,8 +116,10 @@ class AdapterTrainConfig(StrictModel):
 class LlavaTrainConfig(StrictModel):
     """LLaVA-1.5's two stages (TRAINING.md §3, PROTOCOLS §5.7)."""
 
-    # projector: stage 1, projector only, ``plain`` conversation; lora: stage 2, LoRA + projector, vicuna ``v1``.
-    stage: Literal["projector", "lora"] = "projector"
+    # projector: stage 1, projector only, ``plain`` conversation; lora: stage 2, LoRA + projector, vicuna ``v1``
+    # (finetune_lora.sh); full: stage 2 as finetune.sh, the whole LLM + projector (vision tower frozen), ``v1``. full
+    # may also assemble (vision_tower set): an LLM trained from scratch with its projector in one run (the demo).
+    stage: Literal["projector", "lora", "full"] = "projector"
     # Stage 1 assembles the model when model.source is a plain causal LM: this CLIP vision tower + a new projector.
     # null: model.source is already a Llava checkpoint (stage 2: train:<stage-1 run id>).
     vision_tower: str | None = None
@@ -136,7 +138,8 @@ class LlavaTrainConfig(StrictModel):
         return self.image_preprocess or ("processor" if self.stage == "projector" else "pad")
 
     def resolved_grouping(self) -> bool:
-        return self.group_by_modality_length if self.group_by_modality_length is not None else self.stage == "lora"
+        return self.group_by_modality_length if self.group_by_modality_length is not None \
+            else self.stage != "projector"
 
 
 class Vlm2VecTrainConfig(StrictModel):

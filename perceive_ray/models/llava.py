@@ -295,3 +295,24 @@ def save_tiny_llava_parts(path: str | Path, *, seed: int = 0) -> Path:
     CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
         path / "vision")
     return path
+
+
+def save_tiny_llm(path: str | Path, *, seed: int = 0, width: int = 64, layers: int = 2, heads: int = 4,
+                  intermediate: int = 128, max_positions: int = 512) -> Path:
+    """A random-init LLaMA causal LM + the offline tiny tokenizer (``<image>`` included): the LLM a LLaVA is assembled
+    from (``model.source``) when ``train.llava.vision_tower`` is set. Same seed and sizes, same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    config = LlamaConfig(hidden_size=width, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=len(tokenizer),
+                         max_position_embeddings=max_positions, bos_token_id=ids("<s>"), eos_token_id=ids("</s>"),
+                         pad_token_id=ids(tokenizer.pad_token), tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -284,6 +284,8 @@ def load_sweep_mlflow(uri: str, sweep_name: str) -> SweepData:
                           f"{KIND_TAG}=sweep, {SWEEP_TAG}={sweep_name})")
     parent_id = parents[0].info.run_id
     children = reader.search(f"tags.`{PARENT_TAG}` = '{parent_id}'")
+    # Shared runs (a pretrained encoder every trial starts from) have no evaluation of their own.
+    children = [c for c in children if c.data.tags.get(KIND_TAG, "trial") == "trial"]
     finished = [c for c in children if c.info.status == "FINISHED"]
     skipped = sorted(f"{_run_label(c)} ({c.info.status})" for c in children
                      if c.info.status != "FINISHED")

@@ -9,6 +9,8 @@ the base experiment + its dotted overrides, finds or creates its MLflow child ru
   resumed trial's ``run_train`` finds that folder's checkpoints and continues from the newest one (Ray Train's own
   restoration), and an already finished training is not repeated.
 - The MLflow parent id is stored in ``<sweep folder>/sweep.json``; a child is found again by its tags.
+- ``shared:`` runs (made once, before the trials; run id = the shared id, in the same run folder, so a resumed
+  sweep finds them finished) log into their own child run tagged ``perceive.kind: shared``.
 - ``<sweep folder>/trials/<trial id>.json`` records each trial (overrides, label, status, run folders, metrics):
   a report can be rebuilt from the folder alone.
 """
@@ -33,6 +35,8 @@ from perceive_ray.sweep_config import (
     check_sweep,
     grid_size,
     published_row,
+    shared_configs,
+    shared_stand_ins,
     stage_run_id,
     trial_label,
 )
@@ -61,9 +65,11 @@ def param_space(sweep: LoadedSweep) -> dict[str, Any]:
     return {key: tune_domain(dim) for key, dim in sweep.config.search.items()}
 
 
-def fixed_overrides(folder: Path, uri: str, sweep: LoadedSweep) -> dict[str, Any]:
-    """What the sweep sets on every trial's configs: run folders inside the sweep folder, one MLflow store."""
-    fixed: dict[str, Any] = {"output_dir": str(folder / RUNS_DIR), "tracking.experiment": sweep.config.tracking.experiment}
+def fixed_overrides(folder: Path, uri: str, sweep: LoadedSweep, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the sweep sets on every trial's configs: run folders inside the sweep folder, one MLflow store, and the
+    caller's ``extra`` keys (``perceive-ray demo --seed``: ``seed`` on every training and evaluation)."""
+    fixed: dict[str, Any] = {**(extra or {}), "output_dir": str(folder / RUNS_DIR),
+                             "tracking.experiment": sweep.config.tracking.experiment}
     if uri:
         fixed["tracking.uri"] = uri
     return fixed
@@ -94,8 +100,9 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     overrides = {key: params[key] for key in sweep.config.search}
     label = trial_label(overrides)
-    fixed = fixed_overrides(folder, uri, sweep)
-    configs = build_trial_configs(sweep, overrides, fixed=fixed, trial_id=trial_id)
+    fixed = fixed_overrides(folder, uri, sweep, ctx.get("extra"))
+    shared = ctx.get("shared") or {}
+    configs = build_trial_configs(sweep, overrides, fixed=fixed, trial_id=trial_id, shared=shared)
     stages = len(configs.stages)
     record_path = folder / TRIALS_DIR / f"{trial_id}.json"
     record: dict[str, Any] = {
@@ -126,7 +133,7 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         evaluation = configs.evaluation
         if stages:
             evaluation = build_trial_configs(sweep, overrides, fixed=fixed, trial_id=trial_id,
-                                             trained=True).evaluation
+                                             trained=True, shared=shared).evaluation
             if tracker is not None:
                 from perceive_ray.tracking.tracker import flatten_params
 
@@ -149,7 +156,8 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
 
 # -- driver ------------------------------------------------------------------------------------------------------
 
-def check_resume(sweep: LoadedSweep, folder: Path, *, resume: bool) -> dict[str, Any]:
+def check_resume(sweep: LoadedSweep, folder: Path, *, resume: bool,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The sweep folder's state: refused when it exists without --resume, or when --resume finds another sweep."""
     state_path = folder / SWEEP_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
@@ -162,6 +170,8 @@ def check_resume(sweep: LoadedSweep, folder: Path, *, resume: bool) -> dict[str,
         raise ConfigError(f"--resume: no sweep state to resume in {folder} (start the sweep without --resume)")
     before, now = state["sweep"]["config"], sweep.to_dict()["config"]
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k != "resources")
+    if state.get("extra", {}) != json.loads(json.dumps(extra or {})):
+        changed.append(f"overrides {state.get('extra', {})} -> {extra or {}}")
     if changed or state["sweep"]["smoke"] != sweep.smoke:
         what = changed + (["--smoke"] if state["sweep"]["smoke"] != sweep.smoke else [])
         raise ConfigError(f"--resume: the sweep file changed since the sweep started ({', '.join(what)}); Tune "
@@ -170,23 +180,27 @@ def check_resume(sweep: LoadedSweep, folder: Path, *, resume: bool) -> dict[str,
 
 
 def run_sweep(sweep: LoadedSweep, *, resume: bool = False, storage: str | None = None, address: str | None = None,
-              track: bool = True) -> dict[str, Any]:
-    """Validate every trial, then run (or resume) the sweep; returns the summary written to ``summary.json``."""
+              track: bool = True, tracking_uri: str | None = None,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validate every trial, then run (or resume) the sweep; returns the summary written to ``summary.json``.
+    ``tracking_uri``: instead of the sweep file's; ``extra``: dotted keys set on every config (shared runs, trials'
+    trainings and evaluations), e.g. ``{"seed": 3}``."""
     from perceive_ray.run.inference import init_ray, quiet_ray_data, shutdown_ray
     from perceive_ray.tracking.tracker import resolve_tracking_uri
 
     config = sweep.config
     folder = sweep.folder(storage)
-    state = check_resume(sweep, folder, resume=resume)
-    uri = resolve_tracking_uri(config.tracking.uri) if track else ""
-    fixed = fixed_overrides(folder, uri, sweep)
-    checked = check_sweep(sweep, fixed=fixed)  # every trial's configs, before anything runs
+    state = check_resume(sweep, folder, resume=resume, extra=extra)
+    uri = resolve_tracking_uri(tracking_uri or config.tracking.uri) if track else ""
+    fixed = fixed_overrides(folder, uri, sweep, extra)
+    shared = shared_configs(sweep, fixed=fixed)
+    # every trial's configs, before anything runs (shared:<id> read as the shared run's starting model)
+    checked = check_sweep(sweep, fixed=fixed, shared=shared_stand_ins(shared))
     if sweep.smoke:
         from perceive_ray.smoke import prepare_smoke
 
-        for configs in checked:
-            for cfg in configs.all():
-                prepare_smoke(cfg)
+        for cfg in [c for configs in checked for c in configs.all()] + [c for _, c in shared]:
+            prepare_smoke(cfg)
     parent, tracker = "", None
     if uri:
         from perceive_ray.tracking.sweep import SweepTracker
@@ -198,12 +212,14 @@ def run_sweep(sweep: LoadedSweep, *, resume: bool = False, storage: str | None =
                   "sweep.smoke": sweep.smoke,
                   "sweep.objective": f"{config.objective.metric} ({config.objective.mode})",
                   "sweep.num_samples": config.num_samples,
-                  **{f"search.{k}": json.dumps(d.model_dump(exclude_none=True)) for k, d in config.search.items()}}
+                  **{f"search.{k.lstrip('+')}": json.dumps(d.model_dump(exclude_none=True))  # no '+' in MLflow keys
+                     for k, d in config.search.items()}}
         parent = tracker.open_parent(config.name, params, {"perceive.sweep_folder": str(folder)},
                                      resume_run_id=state.get("parent_run_id"))
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / SWEEP_FILE, {"name": config.name, "parent_run_id": parent, "tracking_uri": uri,
                                      "experiment": config.tracking.experiment, "sweep": sweep.to_dict(),
+                                     "extra": dict(extra or {}),
                                      "started": state.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     trials = grid_size(config) if all(d.grid is not None for d in config.search.values()) else config.num_samples
     print(f"[sweep] {config.name}: {trials} trial(s) over {', '.join(config.search)}; "
@@ -221,8 +237,9 @@ def run_sweep(sweep: LoadedSweep, *, resume: bool = False, storage: str | None =
     quiet_ray_data()
     status = "FAILED"
     try:
+        exports = run_shared(sweep, shared, folder, tracker, parent)
         ctx = {"sweep": sweep.to_dict(), "folder": str(folder), "cwd": os.getcwd(), "uri": uri,
-               "parent_run_id": parent}
+               "parent_run_id": parent, "shared": exports, "extra": dict(extra or {})}
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                         {"cpu": res.trial_cpus, "gpu": res.trial_gpus})
         if resume:
@@ -255,6 +272,33 @@ def run_sweep(sweep: LoadedSweep, *, resume: bool = False, storage: str | None =
                 print(f"warning: could not close the MLflow parent run {parent}: {exc}", file=sys.stderr)
         if started_ray:
             shutdown_ray()
+
+
+def run_shared(sweep: LoadedSweep, shared: list[tuple[Any, Any]], folder: Path, tracker: Any,
+               parent: str) -> dict[str, str]:
+    """Train each ``shared:`` run once (a finished one is not repeated: --resume), in its own child run; returns
+    ``{id: export path}``, what the trials' ``shared:<id>`` values become."""
+    from perceive_ray.run.training import run_train
+    from perceive_ray.tracking.sweep import trial_params
+
+    exports = {}
+    for stage, config in shared:
+        label = stage.label or f"shared: {stage.id}"
+        child = None
+        if tracker is not None:
+            child = tracker.child(parent, stage.id, sweep=sweep.config.name, label=label, overrides=stage.overrides,
+                                  params=trial_params([config], None), published_row=None, kind="shared")
+        print(f"[sweep] shared run {stage.id} ({label}): trained once, every trial builds on it", flush=True)
+        try:
+            result = run_train(config, run_id=stage.id, track=tracker is not None, attach_run=child)
+        except BaseException:
+            if tracker is not None:
+                tracker.end(child, "FAILED")
+            raise
+        if tracker is not None:
+            tracker.end(child, "FINISHED")
+        exports[stage.id] = str(Path(result["export"]).resolve())
+    return exports
 
 
 def progress_callbacks(sweep: LoadedSweep) -> list[Any]:

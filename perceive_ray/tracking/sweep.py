@@ -45,13 +45,14 @@ class SweepTracker:
         return runs[0].info.run_id if runs else None
 
     def child(self, parent_id: str, trial_id: str, *, sweep: str, label: str, overrides: Mapping[str, Any],
-              params: Mapping[str, Any], published_row: str | None) -> str:
-        """The trial's child run: found by its tags (a restored trial), else created with its params."""
+              params: Mapping[str, Any], published_row: str | None, kind: str = "trial") -> str:
+        """The trial's child run: found by its tags (a restored trial), else created with its params.
+        ``kind``: ``trial``, or ``shared`` for a run every trial builds on (a pretrained encoder)."""
         found = self.find_child(parent_id, trial_id)
         if found:
             self.client.update_run(found, status="RUNNING")
             return found
-        tags = {PARENT_TAG: parent_id, TRIAL_TAG: trial_id, SWEEP_TAG: sweep, KIND_TAG: "trial",
+        tags = {PARENT_TAG: parent_id, TRIAL_TAG: trial_id, SWEEP_TAG: sweep, KIND_TAG: kind,
                 "perceive.trial_label": label, "perceive.overrides": json.dumps(dict(overrides), sort_keys=True)}
         if published_row:
             tags["perceive.published_row"] = published_row

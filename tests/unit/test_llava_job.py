@@ -298,6 +298,25 @@ def test_lora_stage_trains_lora_and_projector_with_its_own_lr(tiny):
     assert {id(p) for p in groups[0]["params"]} == {id(params[n]) for n in names - projector}
 
 
+def test_full_stage_trains_the_llm_and_projector_on_an_open_clip_tower(tiny, tmp_path):
+    """Stage full (finetune.sh): the whole LLM + projector train, the tower stays frozen; assembled from an LLM and
+    an open_clip tower (the demo's tiny CLIP), in the v1 conversation with its text-only rows kept."""
+    from perceive_ray.models.clip import save_tiny_clip
+    from perceive_ray.train.jobs.llava import data_spec
+
+    tower = save_tiny_clip(tmp_path / "clip", seed=0)
+    job = projector_job(tiny, **{"train.llava.stage": "full", "train.llava.vision_tower": str(tower)})
+    assert job.parts.assembled and job.conversation == "v1" and job.parts.num_visual_tokens == 16
+    names = set(trainable(job))
+    everything = {n for n, _ in job.module.named_parameters()}
+    tower_names = {n for n in everything if "vision_tower" in n}
+    assert tower_names and names == everything - tower_names
+    assert any("lm_head" in n for n in names) and any("embed_tokens" in n for n in names)
+    assert data_spec(job.config).keep_text_only
+    groups = job.parameter_groups()
+    assert len(groups) == 2 and sum(len(g["params"]) for g in groups) == len(names)
+
+
 def logits_of(model, batch) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -17,12 +17,15 @@ from perceive_ray.sweep_config import (
     plan_trial,
     probe_points,
     published_row,
+    shared_configs,
+    shared_stand_ins,
     stage_run_id,
     trial_label,
 )
 
 REPO = Path(__file__).resolve().parents[2]
-SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))
+# demo_study reads the world `perceive-ray demo` writes into its working folder: checked in test_demo_study.py.
+SWEEPS = sorted(p for p in (REPO / "experiments" / "sweeps").glob("*.yaml") if p.stem != "demo_study")
 
 
 def write_sweep(tmp_path: Path, **fields) -> Path:
@@ -135,6 +138,38 @@ def test_stages_chain_and_the_eval_reads_the_last_stage(tmp_path):
     trained = build_trial_configs(sweep, {"train.llava.select_feature": "cls"}, fixed={"output_dir": str(out)},
                                   trial_id="abc", trained=True)
     assert trained.evaluation.model.source == str(export)
+
+
+def test_shared_runs_are_validated_and_their_refs_substituted(tmp_path):
+    clip_ft = str(REPO / "experiments/train/clip_ft.yaml")
+    path = write_sweep(tmp_path, shared=[{"id": "base", "experiment": clip_ft}],
+                       experiment=str(REPO / "experiments/train/pacl.yaml"),
+                       evaluate={"experiment": str(REPO / "experiments/eval/pacl_whatsup.yaml"),
+                                 "trained": ["scorer.options.head_weights"]},
+                       search={"+row": {"grid": [
+                           {"label": "cls", "experiment": str(REPO / "experiments/eval/clip_whatsup.yaml"),
+                            "model.source": "shared:base"},
+                           {"label": "pacl", "model.source": "shared:base"}]}})
+    sweep = load_sweep(path, smoke=True)
+    shared = shared_configs(sweep)
+    assert [stage.id for stage, _ in shared] == ["base"] and shared[0][1].job == "clip_finetune"
+    stand_ins = shared_stand_ins(shared)  # before the shared run exists: its starting model (same architecture)
+    assert stand_ins == {"base": str(Path(str(shared[0][1].model.source)).resolve())} or \
+        stand_ins == {"base": str(shared[0][1].model.source)}
+    cls, pacl = check_sweep(sweep, shared={"base": "/exports/base"})
+    assert cls.evaluation.model.source == "/exports/base" and not cls.stages
+    assert pacl.stages[0].model.source == "/exports/base"
+    check_sweep(sweep)  # the stand-ins validate too
+    bad = write_sweep(tmp_path, search={"train.clip.lock_image": {"grid": [True]}},
+                      overrides={"model.source": "shared:nothere"})
+    with pytest.raises(ConfigError, match="model.source: 'shared:nothere' names no shared run"):
+        check_sweep(load_sweep(bad))
+    dup = write_sweep(tmp_path, shared=[{"id": "a", "experiment": clip_ft}, {"id": "a", "experiment": clip_ft}])
+    with pytest.raises(ConfigError, match="ids must be unique"):
+        load_sweep(dup)
+    evalonly = write_sweep(tmp_path, shared=[{"id": "a", "experiment": str(REPO / "experiments/eval/clip_whatsup.yaml")}])
+    with pytest.raises(ConfigError, match="shared: a: experiment: .* is not a training experiment"):
+        check_sweep(load_sweep(evalonly))
 
 
 def test_published_selectors_must_be_swept_keys(tmp_path):

@@ -357,7 +357,7 @@ def test_stage_lora_from_the_projector_file_needs_the_tower_removed():
 
 
 @pytest.mark.parametrize(("path", "key", "value"), [
-    (LORA["patch"], "train.llava.stage", "full"),
+    (LORA["patch"], "train.llava.stage", "pretrain"),  # projector | lora | full
     (LORA["patch"], "train.llava.image_preprocess", "resize"),  # resize is VLM2Vec's, not LLaVA's
     (LORA["patch"], "train.llava.select_feature", "both"),
     (LORA["patch"], "train.llava.lora.init", "pissa"),

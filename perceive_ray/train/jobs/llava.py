@@ -7,7 +7,8 @@ but ``lm_head`` (q, k, v, o, gate, up, down), the projector trainable in its own
 ``train.llava.projector_lr``; vicuna ``v1`` conversation (answers + ``</s>`` supervised) on mix-665K-format data with
 its text-only rows (a zero image still runs through the tower: ZeRO-3-safe), ``pad`` image preprocessing,
 LLaVA's modality-grouped length-balanced order. The model comes from the stage-1 run: ``model.source:
-train:<run id>``.
+train:<run id>``. Stage ``full`` (``finetune.sh``): as ``lora`` but the whole LLM trains (no adapter); it may also
+assemble its model (``vision_tower`` set), which trains an LLM from scratch together with its projector.
 
 Labels come from ``train/llava_labels.py`` (the scorer's templates, exactly V ignored image ids per image, a sample
 whose supervised tokens do not match its rounds is a ``LabelError`` naming it), built in ``collate`` on the worker
@@ -56,7 +57,7 @@ def data_spec(config: TrainExperimentConfig) -> DataSpec:
     source = llava.vision_tower or str(config.model.source)
     return DataSpec(transform=None, kind="conversations",
                     images=llava_common.image_spec(source, llava.resolved_preprocess()),
-                    keep_text_only=llava.stage == "lora",
+                    keep_text_only=llava.stage != "projector",
                     order="modality_length" if llava.resolved_grouping() else "random",
                     caption_turn="all")
 
@@ -126,7 +127,7 @@ class LlavaJob:
         stage = self.llava_cfg.stage
         if self.llava_cfg.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if stage == "projector":
+        if stage in ("projector", "full"):
             net = model
         else:
             from peft import LoraConfig, get_peft_model
@@ -146,8 +147,11 @@ class LlavaJob:
             if not adapted or any(".language_model." not in n or n.endswith("lm_head") for n in adapted):
                 raise ConfigError(f"LoRA must adapt only the LLM's linear layers; adapted {adapted[:5]}")
             self.peft_config = peft_config
-        if stage == "projector":
+        if stage in ("projector", "full"):
             model.model.multi_modal_projector.requires_grad_(True)
+        if stage == "full":  # finetune.sh: the whole LLM (embeddings and lm_head included); the tower stays frozen
+            model.model.language_model.requires_grad_(True)
+            model.lm_head.requires_grad_(True)
         model.train()
         self.module = LlavaLanguageModel(net, model, train_vision=True)
         self.conversation = self.llava_cfg.conversation()
@@ -248,8 +252,6 @@ class LlavaJob:
 
         Called with full parameters (under ZeRO-3 inside a gather on all ranks); works on copies, so the
         engine's module is untouched."""
-        from transformers import AutoImageProcessor
-
         out_dir.mkdir(parents=True, exist_ok=True)
         llava = module.llava
         state = {k: v.detach().to("cpu", copy=True) for k, v in module.net.state_dict().items()}
@@ -274,7 +276,8 @@ class LlavaJob:
         merged.config.use_cache = True
         merged.save_pretrained(out_dir)
         self.parts.tokenizer.save_pretrained(out_dir)
-        AutoImageProcessor.from_pretrained(self.parts.image_processor_source, backend="pil").save_pretrained(out_dir)
+        # the processor the job fed the tower with (an open_clip tower's is built from its preprocess_cfg)
+        llava_common.load_image_processor(self.parts.image_processor_source).save_pretrained(out_dir)
         llava_common.write_llava_sidecar(out_dir, trained_stage=self.llava_cfg.stage,
                                          select_feature=self.parts.select_feature)
         return {"layout": "transformers Llava directory (+ perceive_ray.json)", "model_source": str(out_dir),

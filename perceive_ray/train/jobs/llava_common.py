@@ -4,10 +4,11 @@ Model. Either a Llava checkpoint in the transformers layout (``model.source``: a
 ``train:<run id>`` of an earlier stage, resolved to its export), loaded as ``LlavaForConditionalGeneration`` or the
 project's ``LlavaClsForConditionalGeneration`` by its ``mm_vision_select_feature``; or, for LLaVA-1.5's stage 1,
 *assembled*: ``model.source`` is a plain causal LM (Vicuna-7B v1.5) and ``train.llava.vision_tower`` a CLIP vision
-model (ViT-L/14-336). Assembly adds ``<image>`` to the tokenizer when missing (mean-initialised embedding row), pads
-with ``unk`` (the ``chat`` template's pad), and builds a fresh ``mlp2x_gelu`` projector with torch's default
-``nn.Linear`` init under ``torch.manual_seed(seed)`` -- the same bytes on every rank (LLaVA#1440), which the worker
-checks with a checksum all-gather.
+model (ViT-L/14-336): a transformers CLIPVisionModel directory, or an open_clip local directory converted in memory
+(``perceive_ray.models.clip_to_hf``; its image processor is open_clip's eval transform). Assembly adds ``<image>`` to
+the tokenizer when missing (mean-initialised embedding row), pads with ``unk`` (the ``chat`` template's pad), and
+builds a fresh ``mlp2x_gelu`` projector with torch's default ``nn.Linear`` init under ``torch.manual_seed(seed)`` --
+the same bytes on every rank (LLaVA#1440), which the worker checks with a checksum all-gather.
 
 Forward (``encode``): token embeddings, the image features of the rows that have an image scattered into their V
 ``<image>`` positions, then the language model. Rows without an image carry a zero image that still runs through
@@ -90,9 +91,36 @@ def num_visual_tokens_for(config: Any) -> int:
         return compute_num_visual_tokens(AutoConfig.from_pretrained(source))
     if config.train.llava.select_feature == "cls":
         return 1
-    vision = AutoConfig.from_pretrained(vision_tower)
-    vision = getattr(vision, "vision_config", vision)
+    vision = vision_tower_config(vision_tower)
     return (vision.image_size // vision.patch_size) ** 2
+
+
+def vision_tower_config(source: str) -> Any:
+    """The CLIPVisionConfig of a vision tower: a transformers CLIP (vision) model directory / hub id, or an
+    open_clip local directory (``open_clip_config.json``, converted by ``perceive_ray.models.clip_to_hf``)."""
+    from transformers import AutoConfig
+
+    from perceive_ray.models import clip_to_hf
+
+    if clip_to_hf.is_open_clip_dir(source):
+        return clip_to_hf.hf_vision_config(source)
+    vision = AutoConfig.from_pretrained(source)
+    return getattr(vision, "vision_config", vision)
+
+
+def load_vision_tower_parts(source: str, *, dtype: torch.dtype) -> tuple[Any, Any]:
+    """(CLIPVisionConfig, CLIPVisionModel) of a vision tower. An open_clip directory is converted in memory
+    (``clip_to_hf.convert_open_clip_vision``, loaded with ``strict=True``); a transformers directory loads as-is."""
+    from transformers import CLIPVisionModel
+
+    from perceive_ray.models import clip_to_hf
+
+    if clip_to_hf.is_open_clip_dir(source):
+        vision = clip_to_hf.load_hf_vision_model(source, dtype=dtype)
+        return vision.config, vision
+    vision_config = vision_tower_config(source)
+    vision = CLIPVisionModel.from_pretrained(source, config=vision_config, dtype=dtype, use_safetensors=True)
+    return vision_config, vision
 
 
 def image_spec(processor_source: str, preprocess: str) -> ConversationImageSpec:
@@ -104,8 +132,14 @@ def image_spec(processor_source: str, preprocess: str) -> ConversationImageSpec:
 
 @functools.lru_cache(maxsize=4)
 def load_image_processor(source: str) -> Any:
+    """The CLIP image processor of a Llava checkpoint or vision tower; for an open_clip directory, the processor
+    equal to open_clip's eval transform (``clip_to_hf.hf_image_processor``)."""
     from transformers import AutoImageProcessor
 
+    from perceive_ray.models import clip_to_hf
+
+    if clip_to_hf.is_open_clip_dir(source):
+        return clip_to_hf.hf_image_processor(source)
     return AutoImageProcessor.from_pretrained(source, backend="pil")
 
 
@@ -163,19 +197,14 @@ def build_llava(config: Any, *, seed: int, device: torch.device) -> LlavaParts:
 
 def assemble_llava(llm_source: str, vision_source: str, *, tokenizer: Any, select_feature: str, seed: int,
                    dtype: torch.dtype) -> Any:
-    """LLM + CLIP vision tower + a fresh mlp2x_gelu projector -> a Llava(-cls) model (stage 1's starting point)."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        CLIPVisionModel,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
+    """LLM + CLIP vision tower + a fresh mlp2x_gelu projector -> a Llava(-cls) model (stage 1's starting point).
+
+    ``vision_source``: a transformers CLIP vision model or an open_clip local directory (see
+    ``load_vision_tower_parts``)."""
+    from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
     llm = AutoModelForCausalLM.from_pretrained(llm_source, dtype=dtype, use_safetensors=True)
-    vision_config = AutoConfig.from_pretrained(vision_source)
-    vision_config = getattr(vision_config, "vision_config", vision_config)
-    vision = CLIPVisionModel.from_pretrained(vision_source, config=vision_config, dtype=dtype, use_safetensors=True)
+    vision_config, vision = load_vision_tower_parts(vision_source, dtype=dtype)
     if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
         llm.resize_token_embeddings(len(tokenizer))  # <image> row: transformers' mean resizing
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
