@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml requirements/lock-cpu.txt
 	$(PY) -c "import torch, torchvision, ray, transformers, open_clip, peft, mlflow, deepspeed; print('venv ok: torch', torch.__version__, 'ray', ray.__version__)"
 	touch $(STAMP)
 
-# Synthetic What'sUp -> tiny CLIP (cosine) and tiny LLaVA (VQAScore) through the Ray Data pipeline on a local Ray,
-# both runs logged to runs/demo/mlflow.db; prints the What'sUp table and the `mlflow ui` command. ~1 min on 2 cores.
+# The paper's controlled study in miniature (experiments/sweeps/demo_study.yaml) on a local Ray: a synthetic world, a
+# tiny CLIP pretrained on it, its frozen encoder read six ways (Ray Tune over Ray Train + DeepSpeed, Ray Data
+# scoring), everything in runs/demo/mlflow.db; prints the What'sUp table, the verdicts and the commands.
 demo: $(STAMP)
 	RAY_DISABLE_USAGE_STATS=1 HF_HUB_OFFLINE=1 $(VENV)/bin/perceive-ray demo
 

@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         "paper's rows, 95%% intervals and one verdict per ordering of the paper decided by a paired test.",
     )
     p.add_argument("--workdir", default="runs/demo", help="where the world, models, sweep, report and mlflow.db go")
-    p.add_argument("--quick", action="store_true", help="smaller world, 200 steps per training run (CI, ~3 min)")
+    p.add_argument("--quick", action="store_true", help="smaller world, 60 steps per training run (what make test runs)")
     p.add_argument("--seed", type=int, default=0, help="world, model init and training seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --workdir")
     p.add_argument("--experiments-dir", default="experiments", help="the repository's experiments/ folder")

@@ -48,6 +48,9 @@ class TrainDataConfig(StrictModel):
     # §5.5: precomputed LLM text embeddings keyed by text (pacl_llm_text heads only).
     text_embeddings: Path | None = None
     decode_cpus: float = Field(default=0.5, gt=0, description="Ray CPUs per image-decoding task.")
+    # At most this many decoding tasks at once (Ray Data TaskPoolStrategy(size=n)); null: as many as CPUs allow. Each
+    # task's worker process holds ~1 GB (torch, transformers): a cap bounds the run's memory on a small machine.
+    decode_tasks: int | None = Field(default=None, gt=0)
     # A missing image found mid-epoch is skipped and counted; more than this fraction of a step's rows fails the run.
     max_missing_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
 

@@ -155,6 +155,7 @@ class RankDataset:
         self.rank = rank
         self.seed = prepared.config.seed
         self.decode_cpus = prepared.config.data.decode_cpus
+        self.decode_tasks = prepared.config.data.decode_tasks
         self.spec = {"transform": asdict(spec.transform) if spec.transform else None,
                      "hard_negatives": spec.hard_negatives, "pacl_augment": spec.pacl_augment,
                      "caption_turn": spec.caption_turn, "noun_chunker": prepared.config.data.noun_chunker,
@@ -171,8 +172,9 @@ class RankDataset:
         rows = max(0, (self.plan["total_steps"] - start) * self.plan["local_rows"])
         fn = partial(decode_rows, run_dir=self.run_dir, plan=self.plan, rank=self.rank, start=start,
                      seed=self.seed, spec=self.spec)
+        compute = ray.data.TaskPoolStrategy(size=self.decode_tasks) if self.decode_tasks else None
         return ray.data.range(rows).map_batches(
-            fn, batch_size=self.plan["local_rows"], num_cpus=self.decode_cpus, batch_format="numpy")
+            fn, batch_size=self.plan["local_rows"], num_cpus=self.decode_cpus, batch_format="numpy", compute=compute)
 
 
 # -- worker ------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.fixtures.browser import chromium, page_facts
 
@@ -71,11 +72,12 @@ def test_demo_summary_is_consistent_with_the_sweep_records(demo):
     # Every trained variant started from the one shared pretraining: its export is what they read.
     export = workdir / "sweeps" / "demo_study" / "runs" / "train" / "pretrain" / "export"
     assert (export / "open_clip_config.json").is_file()
-    negclip = next(r for r in records if r["label"] == "CLIP + NegCLIP (lock image)")
-    trained = json.loads((Path(negclip["train_run_dirs"][0]) / "config.json").read_text()) \
-        if (Path(negclip["train_run_dirs"][0]) / "config.json").is_file() else None
-    if trained is not None:
-        assert trained["model"]["source"] == str(export)
+    for record in records:
+        for run_dir in record["train_run_dirs"]:
+            config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+            encoder = config["train"]["llava"]["vision_tower"] if config["job"] == "llava" \
+                else config["model"]["source"]
+            assert encoder == str(export), (record["label"], encoder)
 
 
 def test_mlflow_has_one_parent_a_child_per_variant_and_the_shared_run(demo):

@@ -226,6 +226,12 @@ def test_empty_sources():
     assert "data.sources:" in config_error({"data.sources": []})
 
 
+def test_decode_tasks_caps_the_decoding_pool():
+    assert load().data.decode_tasks is None  # default: as many tasks as the CPUs allow
+    assert load(overrides=["data.decode_tasks=1"]).data.decode_tasks == 1
+    assert "data.decode_tasks" in config_error({"data.decode_tasks": 0})
+
+
 def test_global_batch_not_divisible_by_workers():
     message = config_error(["train.batch.global=510"])
     assert "train.batch.global: 510 rows do not split over 4 workers" in message
