@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint lock clean-venv
+.PHONY: venv demo test test-fast test-benchmarks lint lock clean-venv
 
 venv: $(STAMP)
 
@@ -27,7 +27,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check perceive_ray tests
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q --durations=25 -m "not benchmark_script"
+
+# The benchmarks/ scripts' own end-to-end checks (each starts its own Ray; ~2.5 min), kept out of `make test`.
+test-benchmarks: $(STAMP)
+	$(PY) -m pytest -q -m benchmark_script
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

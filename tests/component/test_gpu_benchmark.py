@@ -48,6 +48,7 @@ def test_tiny_shape_on_cpu_in_process(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark_script  # its own Ray (~40 s): make test-benchmarks; the in-process test above stays in make test
 def test_tiny_shape_on_cpu_through_ray(tmp_path):
     done = run_script("--shape", "tiny", "--device", "cpu", "--pairs", "2", "--workdir", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -18,7 +18,8 @@ LAST_LINE = re.compile(r"^ray_vs_plain=\d+\.\d{3}$")
 CHECKPOINT_LINE = re.compile(r"^checkpoint_lock_vs_full=nan$")
 
 
-@pytest.mark.slow  # ~1 min on 2 cores: one Ray Train run (its own Ray) and the plain loop
+@pytest.mark.slow  # ~2 min on 2 cores: one Ray Train run (its own Ray) and the plain loop
+@pytest.mark.benchmark_script  # make test-benchmarks (left out of make test for time)
 def test_quick_run_prints_the_ratio_lines(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DISABLE_USAGE_STATS": "1"}
     env.pop("RAY_ADDRESS", None)  # the script's children start their own local Ray, never join another one

@@ -86,3 +86,14 @@ def test_verdicts_follow_the_paired_tests():
     assert demo.decide(runs)[5].outcome == "disagrees"
     runs[demo.CLS] = run_with(demo.CLS, high, high)  # far above chance
     assert demo.decide(runs)[0].outcome == "disagrees"
+
+
+def test_demo_cli_refuses_bad_input_before_anything_runs(tmp_path, capsys):
+    from perceive_ray.cli import main
+
+    assert main(["demo", "--experiments-dir", str(tmp_path), "--workdir", str(tmp_path / "w")]) == 2
+    assert "sweeps/demo_study.yaml" in capsys.readouterr().err
+    assert main(["demo", "--seed", "-1", "--workdir", str(tmp_path / "w"),
+                 "--experiments-dir", str(REPO / "experiments")]) == 2
+    assert "--seed" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # nothing written
