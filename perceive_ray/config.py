@@ -112,6 +112,10 @@ class ResourcesConfig(StrictModel):
     # Ray Data's object-store budget for an evaluation: bounds how far image decoding runs ahead of the scorer
     # (benchmarks/RESULTS.md §3: without it decoded images pile up to Ray's default budget). null = Ray's default.
     object_store_mb: int | None = Field(default=512, gt=0)
+    # At most this many image-decoding tasks at once (Ray Data TaskPoolStrategy(size=n)); null: as many as the
+    # cluster's CPUs allow (0.25 CPU each). Every concurrent task needs its own worker process (~0.2 GB, ~2 CPU-s to
+    # start): on a small machine a cap saves the processes, and decoding stays well ahead of the scorer anyway.
+    decode_tasks: int | None = Field(default=None, gt=0)
 
 
 class TrackingConfig(StrictModel):

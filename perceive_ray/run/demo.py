@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from perceive_ray.config import ConfigError
+
 SWEEP_FILE = "demo_study.yaml"
 SWEEP_NAME = "demo_study"
 WORLD_DIR, MODELS_DIR, SWEEPS_DIR, REPORT_DIR = "world", "models", "sweeps", "report"
@@ -75,12 +77,15 @@ def prepare_workdir(workdir: Path, *, seed: int, quick: bool, resume: bool) -> d
     from perceive_ray.models.tiny import save_clip
 
     workdir.mkdir(parents=True, exist_ok=True)
+    scale = "quick" if quick else "full"
+    started = time.perf_counter()
+    try:  # first: a world/ that is not ours stops the demo before the previous results below are cleared
+        summary = ensure_study(workdir / WORLD_DIR, seed=seed, scale=scale)
+    except ValueError as exc:
+        raise ConfigError(f"--workdir {workdir}: {exc}") from None
     if not resume:
         for name in (SWEEPS_DIR, MODELS_DIR, REPORT_DIR):
             shutil.rmtree(workdir / name, ignore_errors=True)
-    scale = "quick" if quick else "full"
-    started = time.perf_counter()
-    summary = ensure_study(workdir / WORLD_DIR, seed=seed, scale=scale)
     print(f"[demo] 1/4 world: {'reused' if summary.reused else 'wrote'} the synthetic world ({scale}, seed {seed}) "
           f"in {workdir / WORLD_DIR}: {json.dumps(summary.counts)} ({time.perf_counter() - started:.0f} s)",
           flush=True)

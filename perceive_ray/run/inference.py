@@ -32,6 +32,7 @@ from perceive_ray.config import ExperimentConfig, ResourcesConfig
 from perceive_ray.data.images import ImageError
 from perceive_ray.scoring.local import build_scorer, decode_rows, load_record, score_decoded_batch
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's own switch (default on)
 DECODE_CPUS = 0.25  # per decode task; image decoding is light next to scoring
 
 
@@ -103,6 +104,10 @@ def init_ray(address: str | None, *, log_to_driver: bool = False, extra_cpus: in
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
+        # Ray Train's PreemptionWatcher (an actor per training run, polling Ray's node-drain state) has nothing to
+        # watch on a one-machine instance that nobody drains; the processes it would cost are saved. Set before
+        # ray.init: the local instance's workers inherit this environment (a user's own setting is kept).
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
         ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver,
                  num_cpus=(os.cpu_count() or 1) + extra_cpus if extra_cpus else None)
         _start_reaper()
@@ -257,8 +262,9 @@ class RayDataExecutor:
             # Decode tasks always record unreadable images as error rows: an exception raised inside a Ray task
             # reaches the driver only as text, so under on_error=fail the driver raises the ImageError itself
             # (same message and exit code as the in-process path) once the block holding it is written.
+            decode_pool = ray.data.TaskPoolStrategy(size=res.decode_tasks) if res.decode_tasks else None
             ds = ds.map_batches(decode_batch, fn_kwargs={"roots": dict(roots), "on_error": "record"},
-                                batch_size=batch_size, num_cpus=DECODE_CPUS)
+                                batch_size=batch_size, num_cpus=DECODE_CPUS, compute=decode_pool)
             ds = ds.map_batches(ScoringActor, fn_constructor_kwargs={"model": config.model, "scorer": config.scorer,
                                                                      "ledger": self.ledger, "threads": threads},
                                 compute=ActorPoolStrategy(size=res.num_actors), batch_size=batch_size,

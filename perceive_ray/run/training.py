@@ -21,8 +21,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from functools import partial
@@ -325,6 +327,7 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
+    from perceive_ray.train.deepspeed import skip_unused_cpu_comm_op
     from perceive_ray.train.gradcache import chunk_seed, run_accumulation_step, run_step
 
     config = TrainExperimentConfig.model_validate(cfg["config"])
@@ -343,6 +346,8 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
     job = registry.resolve("jobs", config.job)(config, device=device)
     check_init_checksums(job, run_dir, rank)
     ds_config = json.loads((run_dir / DEEPSPEED_FILE).read_text())
+    if device.type == "cpu":
+        skip_unused_cpu_comm_op()  # no JIT compile of an inference-only op (perceive_ray.train.deepspeed)
     engine, optimizer, _, _ = deepspeed.initialize(model=job.module, model_parameters=job.parameter_groups(),
                                                    config=ds_config)
     zero_stage = config.train.deepspeed.zero_stage
@@ -495,6 +500,20 @@ def build_trainer(prepared: PreparedRun, tracking: dict[str, Any]) -> Any:
     )
 
 
+def fit_releasing_controller(trainer: Any) -> Any:
+    """``trainer.fit()``, then the SIGINT handler that was there before it. In the main thread Ray Train installs
+    a SIGINT handler that closes over its TrainController's handle and never removes it: the controller actor (and
+    its DatasetManager, ~1 GB together) would stay alive for the rest of the driver, e.g. a sweep's whole run after
+    its shared pretraining. Putting the previous handler back drops that last reference, so they exit."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()  # no handler is installed off the main thread (a Tune trial)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_train(config: TrainExperimentConfig, *, run_id: str | None = None, address: str | None = None,
               track: bool = True, attach_run: str | None = None) -> dict[str, Any]:
     """Prepare (all checks first), train on Ray Train + DeepSpeed, export, record. Returns ``result.json``.
@@ -520,7 +539,7 @@ def run_train(config: TrainExperimentConfig, *, run_id: str | None = None, addre
             check_cluster_cpus(config)
             trainer = build_trainer(prepared, tracking.worker_config())
             started = time.monotonic()
-            result = trainer.fit()
+            result = fit_releasing_controller(trainer)
             if result.checkpoint is None:
                 raise RuntimeError("training ended without a checkpoint")
             with result.checkpoint.as_directory() as folder:

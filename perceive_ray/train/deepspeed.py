@@ -74,3 +74,24 @@ def build_zero_section(config: TrainExperimentConfig, *, use_gpu: bool | None = 
     if ds.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
     return zero
+
+
+# DeepSpeed's shared-memory CPU collective (``deepspeed_shm_comm``): only ``inference_all_reduce`` (tensor-parallel
+# inference kernels) uses it; training collectives go through torch.distributed (gloo on CPU). Yet DeepSpeed's
+# communication backend JIT-compiles it with the system C++ compiler whenever the accelerator is the CPU, on every
+# fresh machine: ~57 CPU-seconds, ~33 s of wall time on a 2-core host, before the first step.
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_unused_cpu_comm_op() -> bool:
+    """Mark the shared-memory CPU collective as unavailable before ``deepspeed.initialize`` (which then uses plain
+    torch.distributed, as it does on any platform without that op). Returns whether it was marked; the op is left
+    alone if a DeepSpeed build has it precompiled (then loading it costs nothing)."""
+    import deepspeed.ops
+    from deepspeed.git_version_info import installed_ops
+
+    compatible = deepspeed.ops.__compatible_ops__
+    if installed_ops.get(SHM_COMM_OP, False) or not compatible.get(SHM_COMM_OP, False):
+        return False
+    compatible[SHM_COMM_OP] = False
+    return True

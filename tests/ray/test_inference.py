@@ -212,3 +212,28 @@ def test_object_store_budget_is_applied_and_restored(ray_local, workdir, monkeyp
     assert seen and set(seen) == {2**20}
     assert results[0].report.counts["4way/individual_acc/total"] == 12
     assert ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory == float("inf")
+
+
+def test_decode_tasks_caps_the_decoding_pool(ray_local, workdir, monkeypatch):
+    """resources.decode_tasks: Ray Data gets TaskPoolStrategy(size=n) for image decoding (one worker process
+    instead of as many as the CPUs allow); the scores are the same as with the default pool."""
+    import ray.data
+
+    pools = []
+    original = ray.data.Dataset.map_batches
+
+    def spy(self, fn, *args, **kwargs):
+        if getattr(fn, "__name__", "") == "decode_batch":
+            pools.append(kwargs.get("compute"))
+        return original(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", spy)
+    capped = run_eval(config_for(workdir, "resources.decode_tasks=1"), run_id="decode_one", track=False)
+    free = run_eval(config_for(workdir), run_id="decode_free", track=False)
+    assert isinstance(pools[0], ray.data.TaskPoolStrategy) and pools[0].size == 1
+    assert pools[1] is None  # default: Ray Data's own choice
+    assert capped[0].report.metrics == free[0].report.metrics
+    assert_same_rows(scores_of(capped[0].scores_path), scores_of(free[0].scores_path))
+    assert ResourcesConfig().decode_tasks is None
+    with pytest.raises(ValueError, match="decode_tasks"):
+        ResourcesConfig(decode_tasks=0)

@@ -13,7 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from perceive_ray.config import load_config
-from perceive_ray.train.deepspeed import BUCKET, build_deepspeed_config, build_zero_section
+from perceive_ray.train.deepspeed import (
+    BUCKET,
+    SHM_COMM_OP,
+    build_deepspeed_config,
+    build_zero_section,
+    skip_unused_cpu_comm_op,
+)
 from perceive_ray.train.gradcache import chunk_seed, run_step
 from perceive_ray.train.losses import compute_clip_loss
 from perceive_ray.training_config import compute_accumulation
@@ -200,6 +206,7 @@ def deepspeed_cpu():
 
         assert get_accelerator().device_name() == "cpu"
         assert not dist.is_initialized()
+        skip_unused_cpu_comm_op()  # as train_fn_per_worker does on CPU (no JIT compile of an inference-only op)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         try:
             yield deepspeed
@@ -296,3 +303,23 @@ def test_deepspeed_trains_like_full_batch_adamw(deepspeed_cpu, stage, offload):
                                        rtol=1e-5, msg=f"step {step}: {name}")
     assert wrapped.calls == 8
     assert os.environ.get("DS_ACCELERATOR") == "cpu"
+
+
+def test_the_inference_only_shm_op_is_not_compiled(deepspeed_cpu, monkeypatch, tmp_path):
+    """On CPU, DeepSpeed's communication backend would JIT-compile its shared-memory all-reduce (used only by
+    tensor-parallel inference) before the first step; marked unavailable, deepspeed.initialize trains through
+    torch.distributed and nothing is built (an empty extensions folder stays empty)."""
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.comm.torch import build_shm_op
+    from deepspeed.git_version_info import installed_ops
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert not installed_ops.get(SHM_COMM_OP, False)  # this DeepSpeed build has no precompiled op
+    assert deepspeed_cpu.ops.__compatible_ops__[SHM_COMM_OP] is False  # the fixture marked it
+    assert skip_unused_cpu_comm_op() is False  # already marked: nothing to do
+    assert build_shm_op() is None
+    model = TinyClip()
+    ds = build_deepspeed_config(load({"resources.num_workers": 1, "train.deepspeed.zero_stage": 2}, smoke=True))
+    engine, _, _, _ = deepspeed_cpu.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    assert ds_comm.cdb.shm_comm_op is None
+    assert not (tmp_path / "ext").exists()

@@ -97,3 +97,21 @@ def test_demo_cli_refuses_bad_input_before_anything_runs(tmp_path, capsys):
                  "--experiments-dir", str(REPO / "experiments")]) == 2
     assert "--seed" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()  # nothing written
+
+
+def test_demo_cli_refuses_a_foreign_world_folder_and_keeps_the_last_results(tmp_path, capsys):
+    """A workdir whose world/ holds someone else's files: exit 2 naming the folder, before the previous demo's
+    sweep, models and report are cleared (nothing already computed is lost) and before Ray starts."""
+    from perceive_ray.cli import main
+
+    work = tmp_path / "w"
+    (work / "world" / "web").mkdir(parents=True)
+    (work / "world" / "web" / "mine.txt").write_text("not ours")
+    for name in ("sweeps", "models", "report"):
+        (work / name).mkdir()
+        (work / name / "kept.txt").write_text("previous run")
+    assert main(["demo", "--quick", "--workdir", str(work), "--experiments-dir", str(REPO / "experiments")]) == 2
+    err = capsys.readouterr().err
+    assert "--workdir" in err and str(work / "world") in err and "Traceback" not in err
+    assert (work / "world" / "web" / "mine.txt").read_text() == "not ours"
+    assert all((work / name / "kept.txt").is_file() for name in ("sweeps", "models", "report"))

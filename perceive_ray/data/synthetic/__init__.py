@@ -22,8 +22,6 @@ The same seed gives a byte-identical tree (for one Pillow/libjpeg/zlib build); d
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,9 @@ from perceive_ray.data.synthetic.scenes import VLM_TYPES, max_pairs
 from perceive_ray.data.synthetic.writers import (
     Plan,
     TreeWriter,
+    clear_generated,
     plan_mmvp_vlm,
+    read_generator_summary,
     write_llava,
     write_plan,
     write_whatsup,
@@ -112,23 +112,8 @@ def _check_args(out_dir: Path, seed: Any, pairs: Any) -> None:
 
 def _clear_previous(out_dir: Path, overwrite: bool) -> None:
     """Refuse to mix trees; with ``overwrite`` remove only what a previous ``generate`` wrote here."""
-    ours = sorted({*ROOTS.values(), SUMMARY_FILE})
-    present = [name for name in ours if (out_dir / name).exists()]
-    if not present:
-        return
-    if not overwrite:
-        raise ValueError(f"{out_dir} already holds {', '.join(present)}; pass overwrite=True (--overwrite) to replace them")
-    if not (out_dir / SUMMARY_FILE).is_file():
-        raise ValueError(
-            f"{out_dir} holds {', '.join(present)} but no {SUMMARY_FILE}: "
-            "not written by this generator, not removing it"
-        )
-    for name in present:
-        path = out_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    clear_generated(out_dir, sorted(set(ROOTS.values())), SUMMARY_FILE, overwrite=overwrite,
+                    owner="this generator", check_summary=read_summary, hint=" (--overwrite)")
 
 
 def plans(seed: int, pairs: int) -> list[tuple[str, Plan]]:
@@ -193,19 +178,11 @@ def read_summary(out_dir: str | Path) -> SynthSummary | None:
     ValueError if ``SYNTH.json`` exists but is not one this generator writes.
     """
     out = Path(out_dir)
-    path = out / SUMMARY_FILE
-    if not path.is_file():
+    data = read_generator_summary(out / SUMMARY_FILE, GENERATOR_NAME,
+                                  ("seed", "pairs", "version", "roots", "counts", "tree_sha256"))
+    if data is None:
         return None
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable {SUMMARY_FILE}: {exc}") from exc
-    fields = ("seed", "pairs", "version", "roots", "counts", "tree_sha256")
-    if not isinstance(data, dict) or data.get("generator") != GENERATOR_NAME or any(f not in data for f in fields):
-        raise ValueError(f"{path}: not a {SUMMARY_FILE} written by {GENERATOR_NAME}")
     version = data["version"]
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise ValueError(f"{path}: version must be an integer, got {version!r}")
     return SynthSummary(
         out_dir=out,
         seed=data["seed"],

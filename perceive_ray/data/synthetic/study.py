@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +47,14 @@ from perceive_ray.data.synthetic.scenes import (
     phrase_for,
     with_article,
 )
-from perceive_ray.data.synthetic.writers import _BRIEF_PROMPTS, WHATSUP_FILES, TreeWriter, _sentence
+from perceive_ray.data.synthetic.writers import (
+    _BRIEF_PROMPTS,
+    WHATSUP_FILES,
+    TreeWriter,
+    _sentence,
+    clear_generated,
+    read_generator_summary,
+)
 
 STUDY_VERSION = 1  # bump whenever the bytes a given seed and scale produce change
 STUDY_FILE = "STUDY.json"
@@ -411,23 +416,8 @@ def _check_args(out_dir: Path, seed: Any, scale: Any) -> tuple[str, StudyScale]:
 
 def _clear_previous(out_dir: Path, overwrite: bool) -> None:
     """Refuse to mix trees; with ``overwrite`` remove only what a previous ``generate_study`` wrote here."""
-    present = [name for name in (*_TOP_LEVEL, STUDY_FILE) if (out_dir / name).exists() or (out_dir / name).is_symlink()]
-    if not present:
-        return
-    if not overwrite:
-        raise ValueError(f"{out_dir} already holds {', '.join(present)}; pass overwrite=True to replace them")
-    if not (out_dir / STUDY_FILE).is_file():
-        raise ValueError(
-            f"{out_dir} holds {', '.join(present)} but no {STUDY_FILE}: not written by {STUDY_GENERATOR}, "
-            "not removing it"
-        )
-    read_study(out_dir)  # ValueError where STUDY.json is not ours
-    for name in present:
-        path = out_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    clear_generated(out_dir, _TOP_LEVEL, STUDY_FILE, overwrite=overwrite, owner=STUDY_GENERATOR,
+                    check_summary=read_study)
 
 
 def generate_study(
@@ -470,19 +460,11 @@ def read_study(out_dir: str | Path) -> StudySummary | None:
     ValueError if ``STUDY.json`` exists but is not one this generator writes.
     """
     out = Path(out_dir)
-    path = out / STUDY_FILE
-    if not path.is_file():
+    data = read_generator_summary(out / STUDY_FILE, STUDY_GENERATOR,
+                                  ("version", "seed", "scale", "sizes", "counts", "held_out_pairs", "tree_sha256"))
+    if data is None:
         return None
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable {STUDY_FILE}: {exc}") from exc
-    fields = ("version", "seed", "scale", "sizes", "counts", "held_out_pairs", "tree_sha256")
-    if not isinstance(data, dict) or data.get("generator") != STUDY_GENERATOR or any(f not in data for f in fields):
-        raise ValueError(f"{path}: not a {STUDY_FILE} written by {STUDY_GENERATOR}")
     version = data["version"]
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise ValueError(f"{path}: version must be an integer, got {version!r}")
     return StudySummary(
         out_dir=out,
         seed=data["seed"],

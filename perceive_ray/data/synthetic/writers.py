@@ -14,6 +14,8 @@ import csv
 import hashlib
 import io
 import json
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,50 @@ _BRIEF_PROMPTS = (
     "Write a brief description of the scene.",
     "Summarize what the image shows in a few words.",
 )
+
+
+def read_generator_summary(path: Path, generator: str, fields: Sequence[str]) -> dict[str, Any] | None:
+    """The JSON summary ``generator`` left at ``path`` (``SYNTH.json``, ``STUDY.json``), or None if there is no file.
+
+    ValueError naming the file where it is unreadable, written by another generator, missing one of ``fields``, or
+    has a non-integer ``version``.
+    """
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable {path.name}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("generator") != generator or any(f not in data for f in fields):
+        raise ValueError(f"{path}: not a {path.name} written by {generator}")
+    version = data.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{path}: version must be an integer, got {version!r}")
+    return data
+
+
+def clear_generated(out_dir: Path, names: Sequence[str], summary_file: str, *, overwrite: bool, owner: str,
+                    check_summary: Callable[[Path], Any], hint: str = "") -> None:
+    """Refuse to mix trees; with ``overwrite`` remove only what a generator wrote in ``out_dir``: its top-level
+    ``names`` and ``summary_file``, and only where that summary is there and ``check_summary(out_dir)`` accepts it
+    (it raises ValueError otherwise). ``owner`` names the generator in the refusal; ``hint`` follows
+    ``overwrite=True`` in it (a CLI flag)."""
+    present = [name for name in (*names, summary_file)
+               if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    if not present:
+        return
+    if not overwrite:
+        raise ValueError(f"{out_dir} already holds {', '.join(present)}; pass overwrite=True{hint} to replace them")
+    if not (out_dir / summary_file).is_file():
+        raise ValueError(f"{out_dir} holds {', '.join(present)} but no {summary_file}: not written by {owner}, "
+                         "not removing it")
+    check_summary(out_dir)
+    for name in present:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 class TreeWriter:
