@@ -462,10 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
         "What'sUp A/B), pretrain a tiny CLIP on it (Ray Train), then read its frozen encoder six ways as one sweep "
         "(experiments/sweeps/demo_study.yaml: [CLS] cosine, NegCLIP lock-image, PACL, PACL + RoPE, tiny LLaVA by "
         "VQAScore, LLaVA-cls), log everything to MLflow, write the report and print the What'sUp table with the "
-        "paper's rows, 95%% intervals and one verdict per ordering of the paper decided by a paired test.",
+        "paper's rows, 95% intervals and one verdict per ordering of the paper decided by a paired test.",
     )
     p.add_argument("--workdir", default="runs/demo", help="where the world, models, sweep, report and mlflow.db go")
-    p.add_argument("--quick", action="store_true", help="smaller world, 60 steps per training run (what make test runs)")
+    p.add_argument("--quick", action="store_true", help="smaller world, 40 steps per training run (what make test runs)")
     p.add_argument("--seed", type=int, default=0, help="world, model init and training seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --workdir")
     p.add_argument("--experiments-dir", default="experiments", help="the repository's experiments/ folder")

@@ -33,6 +33,14 @@ from perceive_ray.data.images import ImageError
 from perceive_ray.scoring.local import build_scorer, decode_rows, load_record, score_decoded_batch
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's own switch (default on)
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # how often Ray Train's controller polls its workers (2 s)
+# What a local instance started by init_ray gives its workers unless the user set them (Ray's own variables):
+# no PreemptionWatcher (an actor per training run polling a drain state nobody sets on one machine), and a 0.5 s
+# controller poll, so a run's checkpoint report and its end are seen within 0.5 s instead of 2 (cheap polls).
+LOCAL_RAY_ENV = {PREEMPTION_WATCHER_ENV: "0", HEALTH_CHECK_ENV: "0.5"}
+# Set (to "1") by init_ray when it starts a local instance, which has no dashboard, hence no state API: read by
+# run.training.trainer_class (and inherited by the instance's workers, e.g. a sweep's trial actors).
+LOCAL_NO_DASHBOARD_ENV = "PERCEIVE_RAY_LOCAL_NO_DASHBOARD"
 DECODE_CPUS = 0.25  # per decode task; image decoding is light next to scoring
 
 
@@ -102,12 +110,14 @@ def init_ray(address: str | None, *, log_to_driver: bool = False, extra_cpus: in
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        os.environ.pop(LOCAL_NO_DASHBOARD_ENV, None)  # a cluster's own settings apply
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        # Ray Train's PreemptionWatcher (an actor per training run, polling Ray's node-drain state) has nothing to
-        # watch on a one-machine instance that nobody drains; the processes it would cost are saved. Set before
-        # ray.init: the local instance's workers inherit this environment (a user's own setting is kept).
-        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+        # Set before ray.init: the local instance's workers inherit this environment (LOCAL_RAY_ENV; a user's own
+        # settings are kept).
+        for name, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(name, value)
+        os.environ[LOCAL_NO_DASHBOARD_ENV] = "1"
         ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver,
                  num_cpus=(os.cpu_count() or 1) + extra_cpus if extra_cpus else None)
         _start_reaper()

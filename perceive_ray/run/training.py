@@ -4,9 +4,11 @@ Data. Every rank reads its own Ray Data dataset (``datasets={"rank0": ..., "rank
 are this rank's slots of every remaining step in order: row -> (step, slot) -> the sample the counter-based epoch
 order puts there (``data/llava_data.py::rank_rows``, independent of worker count and timing). Images are decoded in
 CPU tasks (``map_batches``, fractional CPUs) with the seeded train transform, so 1.2M images stream through the
-object store and never sit in a worker's memory. The datasets are callables: Ray Train calls them each time the
-worker group starts, and they begin at the step of the newest registered checkpoint, so a restarted group neither
-re-decodes finished steps nor sees a different order (the worker still checks every row's step).
+object store and never sit in a worker's memory. ``data.decode_tasks: 0`` (small images on a few cores) runs no
+task: the dataset is the row ids, and each worker decodes its own batches with the same function. The datasets are
+callables: Ray Train calls them each time the worker group starts, and they begin at the step of the newest
+registered checkpoint, so a restarted group neither re-decodes finished steps nor sees a different order (the
+worker still checks every row's step).
 
 Worker. Seeds identically, builds the job, ``deepspeed.initialize`` (DeepSpeed reuses Ray's process group), resumes
 from ``ray.train.get_checkpoint()`` (step, config hash and data position in ``client_state``), then per step: the
@@ -67,7 +69,8 @@ LOG_FILE = "train_log.jsonl"  # rank 0's logged metrics, one JSON line per logge
 
 def decode_rows(batch: dict[str, np.ndarray], *, run_dir: str, plan: dict[str, int], rank: int, start: int,
                 seed: int, spec: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Row ids of rank ``rank`` -> (step, slot, sample key, caption, negative, pixels, ok): one CPU task.
+    """Row ids of rank ``rank`` -> (step, slot, sample key, caption, negative, pixels, ok): one CPU task, or the
+    training worker itself (``data.decode_tasks: 0``: absolute ids, ``start`` 0).
 
     Conversation jobs (``spec["kind"] == "conversations"``) get (step, slot, epoch, key, has_image, humans, gpts,
     pixels, ok) instead: the worker builds its own token ids from every turn."""
@@ -147,36 +150,51 @@ def decode_conversation_rows(samples: list[dict[str, Any]], *, steps: np.ndarray
             "pixels": pixels, "ok": ok}
 
 
+def decode_spec(prepared: PreparedRun) -> dict[str, Any]:
+    """What ``decode_rows`` needs besides the row ids (JSON-able: it travels to decode tasks or to the workers)."""
+    spec = prepared.data_spec
+    out = {"transform": asdict(spec.transform) if spec.transform else None,
+           "hard_negatives": spec.hard_negatives, "pacl_augment": spec.pacl_augment,
+           "caption_turn": spec.caption_turn, "noun_chunker": prepared.config.data.noun_chunker,
+           "kind": spec.kind, "order": spec.order, "images": asdict(spec.images) if spec.images else None}
+    for part in ("transform", "images"):
+        if out[part] is not None:
+            out[part]["size"] = list(out[part]["size"])
+    return out
+
+
 class RankDataset:
-    """Ray Train calls this at every worker-group start: rank ``rank``'s rows from the last checkpointed step."""
+    """Ray Train calls this at every worker-group start: rank ``rank``'s rows from the last checkpointed step.
+
+    ``data.decode_tasks: 0``: the dataset is the rows' absolute ids only (no task at all: the blocks come from the
+    caller), and the worker runs ``decode_rows`` on each batch itself (``train_fn_per_worker``)."""
 
     def __init__(self, prepared: PreparedRun, rank: int) -> None:
-        spec = prepared.data_spec
         self.run_dir = str(prepared.run_dir.resolve())
         self.plan = prepared.plan.__dict__.copy()
         self.rank = rank
         self.seed = prepared.config.seed
         self.decode_cpus = prepared.config.data.decode_cpus
         self.decode_tasks = prepared.config.data.decode_tasks
-        self.spec = {"transform": asdict(spec.transform) if spec.transform else None,
-                     "hard_negatives": spec.hard_negatives, "pacl_augment": spec.pacl_augment,
-                     "caption_turn": spec.caption_turn, "noun_chunker": prepared.config.data.noun_chunker,
-                     "kind": spec.kind, "order": spec.order, "images": asdict(spec.images) if spec.images else None}
-        for part in ("transform", "images"):
-            if self.spec[part] is not None:
-                self.spec[part]["size"] = list(self.spec[part]["size"])
+        self.spec = decode_spec(prepared)
 
     def __call__(self) -> ray.data.Dataset:
         # Runs in Ray Train's controller. Order comes from build_trainer's DataConfig (Ray Train replaces the
         # dataset's own execution options); progress bars are off because rank 0 prints step / loss / ETA instead.
         ray.data.DataContext.get_current().enable_progress_bars = False
         start = latest_checkpoint_step(Path(self.run_dir))
-        rows = max(0, (self.plan["total_steps"] - start) * self.plan["local_rows"])
+        local = self.plan["local_rows"]
+        if self.decode_tasks == 0:
+            import pyarrow as pa
+
+            ids = np.arange(start * local, max(start, self.plan["total_steps"]) * local, dtype=np.int64)
+            return ray.data.from_arrow(pa.table({"id": ids}))
+        rows = max(0, (self.plan["total_steps"] - start) * local)
         fn = partial(decode_rows, run_dir=self.run_dir, plan=self.plan, rank=self.rank, start=start,
                      seed=self.seed, spec=self.spec)
         compute = ray.data.TaskPoolStrategy(size=self.decode_tasks) if self.decode_tasks else None
         return ray.data.range(rows).map_batches(
-            fn, batch_size=self.plan["local_rows"], num_cpus=self.decode_cpus, batch_format="numpy", compute=compute)
+            fn, batch_size=local, num_cpus=self.decode_cpus, batch_format="numpy", compute=compute)
 
 
 # -- worker ------------------------------------------------------------------------------------------------------
@@ -378,7 +396,11 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
     started, first_step = time.monotonic(), step
     window_rows, window_start = 0, time.monotonic()
     max_missing = config.data.max_missing_fraction
+    in_worker = cfg.get("decode_in_worker")  # data.decode_tasks: 0 (the batches are absolute row ids)
     for rows in shard.iter_batches(batch_size=plan.local_rows, batch_format="numpy", prefetch_batches=1):
+        if in_worker is not None:
+            rows = decode_rows(rows, run_dir=str(run_dir), plan=cfg["plan"], rank=rank, start=0, seed=config.seed,
+                               spec=in_worker)
         steps = np.unique(rows["step"])
         if len(steps) != 1 or len(rows["step"]) != plan.local_rows:
             raise RuntimeError(f"rank {rank}: a batch spans steps {steps.tolist()} ({len(rows['step'])} rows)")
@@ -456,8 +478,9 @@ def check_cluster_cpus(config: TrainExperimentConfig) -> None:
     """Workers must leave CPU for the decode tasks: a pipeline with no CPU left waits forever, silently."""
     res = config.resources
     total = float(ray.cluster_resources().get("CPU", 0.0))
-    # Ray Data's read step (the row ids) asks for one whole CPU per task; decode tasks for data.decode_cpus.
-    data_cpus = max(READ_CPUS, config.data.decode_cpus)
+    # Ray Data's read step (the row ids) asks for one whole CPU per task; decode tasks for data.decode_cpus. With
+    # data.decode_tasks 0 the pipeline runs no task (the workers decode).
+    data_cpus = 0.0 if config.data.decode_tasks == 0 else max(READ_CPUS, config.data.decode_cpus)
     needed = res.num_workers * res.cpus_per_worker + data_cpus
     if needed > total + 1e-9:
         raise ConfigError(
@@ -467,10 +490,35 @@ def check_cluster_cpus(config: TrainExperimentConfig) -> None:
             "Lower resources.cpus_per_worker (fractions are fine) or add CPUs")
 
 
+def trainer_class() -> type:
+    """Ray Train's ``TorchTrainer``; on a local instance started by ``init_ray`` (no dashboard), one without Ray
+    Train's PlacementGroupCleaner. That detached actor watches the controller through the state API, which needs the
+    dashboard: without it every poll fails, so it would never clean anything up, and it logs "Failed to query Ray
+    Train Controller actor state" every second of every run (~2.5 CPU-s per run). Ray has no switch for it; the
+    subclass drops its callback from the default list. If Ray moves that class, the plain TorchTrainer is used."""
+    from ray.train.torch import TorchTrainer
+
+    from perceive_ray.run.inference import LOCAL_NO_DASHBOARD_ENV
+
+    if os.environ.get(LOCAL_NO_DASHBOARD_ENV) != "1":
+        return TorchTrainer
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return TorchTrainer
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            return [cb for cb in super()._create_default_callbacks()
+                    if not isinstance(cb, PlacementGroupCleanerCallback)]
+
+    return LocalTorchTrainer
+
+
 def build_trainer(prepared: PreparedRun, tracking: dict[str, Any]) -> Any:
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     config = prepared.config
     res = config.resources
@@ -479,9 +527,10 @@ def build_trainer(prepared: PreparedRun, tracking: dict[str, Any]) -> Any:
         if os.environ.get(name):
             env[name] = os.environ[name]
     loop_config = {"config": absolute_paths(config).model_dump(mode="json", by_alias=True), "plan": prepared.plan.__dict__,
-                   "run_dir": str(prepared.run_dir.resolve()), "config_hash": config_hash(config), **tracking}
+                   "run_dir": str(prepared.run_dir.resolve()), "config_hash": config_hash(config),
+                   "decode_in_worker": decode_spec(prepared) if config.data.decode_tasks == 0 else None, **tracking}
     datasets = {f"rank{r}": RankDataset(prepared, r) for r in range(res.num_workers)}
-    return TorchTrainer(
+    return trainer_class()(
         train_fn_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),

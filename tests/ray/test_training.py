@@ -186,12 +186,14 @@ def test_killed_worker_resumes_to_the_uninterrupted_parameters(workdir, monkeypa
     not yet collected that report when the worker died, after step 2; either way the steps after it are replayed.
 
     PACL+RoPE with dropout 0.1 and 2 GradCache chunks: equality needs the same data order, the same dropout masks
-    (keyed by step, rank and chunk) and the restored Adam state.
+    (keyed by step, rank and chunk) and the restored Adam state. The killed run decodes its images in the workers
+    (``data.decode_tasks: 0``), the clean one in Ray Data tasks: equality also shows both give the same pixels, and
+    that the id-only dataset restarts at the checkpoint's step.
     """
     settings = {**REPEAT, "train.epochs": 2, "train.checkpoint.every_steps": 2}
     clean, _, _ = train(workdir, HEADS_EXP, "fault_clean", **settings)
     monkeypatch.setenv("PERCEIVE_RAY_FAULT", "train_worker:6")
-    faulty, run_dir, log = train(workdir, HEADS_EXP, "fault_killed", **settings)
+    faulty, run_dir, log = train(workdir, HEADS_EXP, "fault_killed", **settings, **{"data.decode_tasks": 0})
     assert (run_dir / ".fault-train_worker-6").exists()  # the fault did fire
     steps = [row["step"] for row in log]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])

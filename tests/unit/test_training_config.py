@@ -229,7 +229,8 @@ def test_empty_sources():
 def test_decode_tasks_caps_the_decoding_pool():
     assert load().data.decode_tasks is None  # default: as many tasks as the CPUs allow
     assert load(overrides=["data.decode_tasks=1"]).data.decode_tasks == 1
-    assert "data.decode_tasks" in config_error({"data.decode_tasks": 0})
+    assert load(overrides=["data.decode_tasks=0"]).data.decode_tasks == 0  # the workers decode their own rows
+    assert "data.decode_tasks" in config_error({"data.decode_tasks": -1})
 
 
 def test_global_batch_not_divisible_by_workers():
