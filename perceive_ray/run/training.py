@@ -62,6 +62,7 @@ FAULT_ENV = "PERCEIVE_RAY_FAULT"
 HOLD_S = 600
 CLIENT_STATE = "perceive_ray"
 READ_CPUS = 1.0  # what a Ray Data read task requests
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"  # Ray Train's own switch (default on)
 LOG_FILE = "train_log.jsonl"  # rank 0's logged metrics, one JSON line per logged step (run directory)
 
 
@@ -522,7 +523,11 @@ def build_trainer(prepared: PreparedRun, tracking: dict[str, Any]) -> Any:
 
     config = prepared.config
     res = config.resources
-    env = {"DS_ACCELERATOR": "cuda" if res.use_gpu else "cpu", "PYTHONUNBUFFERED": "1"}
+    env = {"DS_ACCELERATOR": "cuda" if res.use_gpu else "cpu", "PYTHONUNBUFFERED": "1",
+           # Ray Train's print patch sends a worker's print() to its logger and, when sys.stdout is wrapped (it is
+           # in a Train worker), to the stream as well: every progress line reached the console twice. Off unless
+           # the user sets it; rank 0's lines are also in train_log.jsonl and MLflow.
+           PRINT_PATCH_ENV: os.environ.get(PRINT_PATCH_ENV, "0")}
     for name in (FAULT_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "HF_HUB_OFFLINE"):
         if os.environ.get(name):
             env[name] = os.environ[name]

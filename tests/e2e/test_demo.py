@@ -40,6 +40,8 @@ def test_demo_prints_stages_table_verdicts_and_commands(demo):
     for stage in ("[demo] 1/4 world", "[demo] 2/4 models", "[demo] 3/4 study", "[demo] 4/4 report"):
         assert stage in out
     assert "eta " in out  # the training runs print step, loss and an ETA
+    steps = [line for line in out.splitlines() if "[train] step " in line]
+    assert steps and len(steps) == len(set(steps)), "a worker's progress line printed twice"
     table = out[out.index("What'sUp, synthetic and held out"):]
     for variant in VARIANTS:
         assert f"\n{variant} " in table, variant
