@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,8 @@ def run_demo(workdir: str | Path, *, experiments_dir: str | Path, seed: int = 0,
     """Run the study in ``workdir``; print the table, the verdicts and the commands; returns the demo summary."""
     from perceive_ray.report.command import run_report
     from perceive_ray.report.data import load_sweep_dir
-    from perceive_ray.run.sweep import run_sweep
+    from perceive_ray.run.inference import shutdown_ray
+    from perceive_ray.run.sweep import init_sweep_ray, run_sweep
     from perceive_ray.sweep_config import load_sweep
 
     start = time.perf_counter()
@@ -114,15 +116,25 @@ def run_demo(workdir: str | Path, *, experiments_dir: str | Path, seed: int = 0,
     sweep_path = (Path(experiments_dir) / "sweeps" / SWEEP_FILE).resolve()
     sweep = load_sweep(sweep_path, smoke=quick)  # a bad sweep file fails here, before anything is written
     uri = tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
-    world = prepare_workdir(workdir, seed=seed, quick=quick, resume=resume)
-    print(f"[demo] 3/4 study: {len(VARIANTS)} variants of one frozen encoder, {'--quick, ' if quick else ''}"
-          f"seed {seed}; sweep {sweep_path} in {workdir / SWEEPS_DIR}", flush=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     here = os.getcwd()
     os.chdir(workdir)  # the demo's experiment files read world/ and models/ relative to the working folder
+    started_ray = False
     try:
+        # Ray starts (its processes' start-up mostly waits) while a thread writes the world and the models.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="perceive-demo-world") as pool:
+            prepared = pool.submit(prepare_workdir, workdir, seed=seed, quick=quick, resume=resume)
+            try:
+                started_ray = init_sweep_ray(sweep.config, address)
+            finally:
+                world = prepared.result()  # (the world's error first: it names the --workdir)
+        print(f"[demo] 3/4 study: {len(VARIANTS)} variants of one frozen encoder, {'--quick, ' if quick else ''}"
+              f"seed {seed}; sweep {sweep_path} in {workdir / SWEEPS_DIR}", flush=True)
         run_sweep(sweep, resume=resume, address=address, tracking_uri=uri, extra={"seed": seed})
     finally:
         os.chdir(here)
+        if started_ray:
+            shutdown_ray()
     folder = workdir / SWEEPS_DIR / SWEEP_NAME
     runs = {run.label: run for run in load_sweep_dir(folder).runs}
     missing = [v for v in VARIANTS if v not in runs]

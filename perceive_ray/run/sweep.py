@@ -9,22 +9,30 @@ the base experiment + its dotted overrides, finds or creates its MLflow child ru
   resumed trial's ``run_train`` finds that folder's checkpoints and continues from the newest one (Ray Train's own
   restoration), and an already finished training is not repeated.
 - The MLflow parent id is stored in ``<sweep folder>/sweep.json``; a child is found again by its tags.
-- ``shared:`` runs (made once, before the trials; run id = the shared id, in the same run folder, so a resumed
-  sweep finds them finished) log into their own child run tagged ``perceive.kind: shared``.
+- ``shared:`` runs (made once, by the driver; run id = the shared id, in the same run folder, so a resumed sweep
+  finds them finished) log into their own child run tagged ``perceive.kind: shared``. They train while the first
+  trials start: a trial imports what its runs need, then waits at the sweep's ``SharedRunGate`` (an actor) until
+  the shared runs have finished (their exports) or failed (the trial fails with their error, and so does the
+  sweep; ``--resume`` continues the shared run from its checkpoint and reruns the trials).
 - ``<sweep folder>/trials/<trial id>.json`` records each trial (overrides, label, status, run folders, metrics):
   a report can be rebuilt from the folder alone.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import os
 import sys
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
 from perceive_ray.config import ConfigError, config_record
@@ -82,6 +90,80 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+# -- shared runs and the trials that wait for them ----------------------------------------------------------------
+
+@ray.remote(num_cpus=0)
+class SharedRunGate:
+    """Opened once by the sweep driver when its shared runs have finished (``{id: export}``) or failed (the error);
+    every trial's ``wait`` returns that."""
+
+    def __init__(self) -> None:
+        self._opened = asyncio.Event()
+        self._result: tuple[dict[str, str] | None, str | None] = (None, None)
+
+    async def open(self, exports: dict[str, str] | None, error: str | None) -> None:
+        self._result = (exports, error)
+        self._opened.set()
+
+    async def wait(self) -> tuple[dict[str, str] | None, str | None]:
+        await self._opened.wait()
+        return self._result
+
+
+class SharedRunFailed(RuntimeError):
+    """A trial cannot run: the sweep's shared run(s) it builds on failed."""
+
+
+def preload_trial(configs: Any) -> None:
+    """Import what this trial's runs will need in this process (Ray Train's torch backend, each stage's job module
+    and the trackers): done while the shared runs train, it is not on the sweep's critical path afterwards."""
+    import ray.train.torch  # noqa: F401
+
+    from perceive_ray import registry
+    from perceive_ray.tracking import sweep as _tracking_sweep  # noqa: F401
+    from perceive_ray.tracking import training as _tracking_training  # noqa: F401
+
+    for stage in configs.stages:
+        registry.resolve("jobs", stage.job)
+
+
+def wait_for_shared(gate: Any, trial_id: str, label: str) -> dict[str, str]:
+    """The shared runs' exports, once they have finished; SharedRunFailed if they failed."""
+    ref = gate.wait.remote()
+    ready, _ = ray.wait([ref], timeout=2.0)  # an open gate answers well within this
+    if not ready:
+        print(f"[sweep] trial {trial_id}: {label}: ready, waiting for the shared run(s) to finish", flush=True)
+    exports, error = ray.get(ref)
+    if error is not None:
+        raise SharedRunFailed(f"the sweep's shared run failed, so this trial cannot run: {error}")
+    return dict(exports or {})
+
+
+def start_shared(sweep: LoadedSweep, shared: list[tuple[Any, Any]], folder: Path, tracker: Any,
+                 parent: str) -> tuple[Any, Future | None]:
+    """Train the shared runs in a driver thread (beside ``tuner.fit()``); returns (the gate, the thread's future,
+    whose result is ``{id: export}``). (None, None) when the sweep has no shared runs."""
+    if not shared:
+        return None, None
+    gate = SharedRunGate.remote()
+    future: Future = Future()
+
+    def train_then_open() -> None:
+        try:
+            exports = run_shared(sweep, shared, folder, tracker, parent)
+        except BaseException as exc:  # noqa: BLE001 (handed to the trials through the gate, to the driver by future)
+            future.set_exception(exc)
+            with contextlib.suppress(Exception):  # Ray may be shutting down (the driver was interrupted)
+                ray.get(gate.open.remote(None, f"{type(exc).__name__}: {exc}"[:2000]))
+            return
+        ray.get(gate.open.remote(exports, None))
+        future.set_result(exports)
+
+    # a daemon thread: an interrupted driver does not wait for it at exit (shutting Ray down ends its training)
+    threading.Thread(target=train_then_open, name="perceive-shared-runs", daemon=True).start()
+    return gate, future
+
+
 # -- trial -------------------------------------------------------------------------------------------------------
 
 def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -102,6 +184,12 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     label = trial_label(overrides)
     fixed = fixed_overrides(folder, uri, sweep, ctx.get("extra"))
     shared = ctx.get("shared") or {}
+    if ctx.get("shared_gate") is not None:
+        # Started while the shared runs train: get ready (configs checked with the shared runs' stand-ins, imports),
+        # then wait for their exports.
+        preload_trial(build_trial_configs(sweep, overrides, fixed=fixed, trial_id=trial_id,
+                                          shared=ctx["shared_stand_ins"]))
+        shared = wait_for_shared(ctx["shared_gate"], trial_id, label)
     configs = build_trial_configs(sweep, overrides, fixed=fixed, trial_id=trial_id, shared=shared)
     stages = len(configs.stages)
     record_path = folder / TRIALS_DIR / f"{trial_id}.json"
@@ -179,13 +267,28 @@ def check_resume(sweep: LoadedSweep, folder: Path, *, resume: bool,
     return state
 
 
+def init_sweep_ray(config: Any, address: str | None) -> bool:
+    """Connect to ``address`` / RAY_ADDRESS, else start a local Ray sized for the sweep; whether it was started.
+
+    A local Ray gets the machine's CPUs once per concurrent trial, plus the trials' own fractions: every trial's
+    configs were checked to fit the machine alone, and concurrent trials on one machine share its cores (their Ray
+    Train and Ray Data startups mostly wait)."""
+    from perceive_ray.run.inference import init_ray
+
+    res = config.resources
+    cores = os.cpu_count() or 1
+    return init_ray(address, log_to_driver=True,
+                    extra_cpus=cores * (res.max_concurrent_trials - 1)
+                    + math.ceil(res.trial_cpus * res.max_concurrent_trials))
+
+
 def run_sweep(sweep: LoadedSweep, *, resume: bool = False, storage: str | None = None, address: str | None = None,
               track: bool = True, tracking_uri: str | None = None,
               extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validate every trial, then run (or resume) the sweep; returns the summary written to ``summary.json``.
     ``tracking_uri``: instead of the sweep file's; ``extra``: dotted keys set on every config (shared runs, trials'
     trainings and evaluations), e.g. ``{"seed": 3}``."""
-    from perceive_ray.run.inference import init_ray, quiet_ray_data, shutdown_ray
+    from perceive_ray.run.inference import quiet_ray_data, shutdown_ray
     from perceive_ray.tracking.tracker import resolve_tracking_uri
 
     config = sweep.config
@@ -227,19 +330,15 @@ def run_sweep(sweep: LoadedSweep, *, resume: bool = False, storage: str | None =
           flush=True)
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # Tune hands it to the trials: keep their working directory
     res = config.resources
-    # A local Ray (no cluster address) gets the machine's CPUs once per concurrent trial, plus the trials' own
-    # fractions: every trial's configs were checked to fit the machine alone, and concurrent trials on one machine
-    # share its cores (their Ray Train and Ray Data startups mostly wait).
-    cores = os.cpu_count() or 1
-    started_ray = init_ray(address, log_to_driver=True,
-                           extra_cpus=cores * (res.max_concurrent_trials - 1)
-                           + math.ceil(res.trial_cpus * res.max_concurrent_trials))
+    started_ray = init_sweep_ray(config, address)  # False when the caller has started Ray (perceive-ray demo)
     quiet_ray_data()
     status = "FAILED"
     try:
-        exports = run_shared(sweep, shared, folder, tracker, parent)
+        # The shared runs train in a thread while Tune starts the first trials, which wait for them at the gate.
+        gate, shared_runs = start_shared(sweep, shared, folder, tracker, parent)
         ctx = {"sweep": sweep.to_dict(), "folder": str(folder), "cwd": os.getcwd(), "uri": uri,
-               "parent_run_id": parent, "shared": exports, "extra": dict(extra or {})}
+               "parent_run_id": parent, "shared": {}, "shared_gate": gate,
+               "shared_stand_ins": shared_stand_ins(shared), "extra": dict(extra or {})}
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                         {"cpu": res.trial_cpus, "gpu": res.trial_gpus})
         if resume:
@@ -264,6 +363,8 @@ def run_sweep(sweep: LoadedSweep, *, resume: bool = False, storage: str | None =
                                           failure_config=tune.FailureConfig(max_failures=res.max_failures),
                                           callbacks=progress_callbacks(sweep)))
         grid = tuner.fit()
+        if shared_runs is not None:
+            shared_runs.result()  # a shared run's failure is the sweep's error (its trials failed at the gate)
         summary = summarize(sweep, folder, grid, parent)
         status = "FINISHED" if not summary["errored"] else "FAILED"
         return summary

@@ -42,6 +42,9 @@ def test_demo_prints_stages_table_verdicts_and_commands(demo):
     assert "eta " in out  # the training runs print step, loss and an ETA
     steps = [line for line in out.splitlines() if "[train] step " in line]
     assert steps and len(steps) == len(set(steps)), "a worker's progress line printed twice"
+    # The first trials got ready (imports, checked configs) while the shared pretraining trained, then waited for it.
+    shared_done = out.index("[train] finished: export in " + str(workdir / "sweeps/demo_study/runs/train/pretrain"))
+    assert "ready, waiting for the shared run(s) to finish" in out[:shared_done]
     table = out[out.index("What'sUp, synthetic and held out"):]
     for variant in VARIANTS:
         assert f"\n{variant} " in table, variant
