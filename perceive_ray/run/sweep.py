@@ -336,6 +336,8 @@ def run_sweep(sweep: LoadedSweep, *, resume: bool = False, storage: str | None =
     try:
         # The shared runs train in a thread while Tune starts the first trials, which wait for them at the gate.
         gate, shared_runs = start_shared(sweep, shared, folder, tracker, parent)
+        if shared_runs is not None and res.trial_gpus > 0:
+            shared_runs.result()  # waiting trials would hold GPUs the shared runs' workers need: train them first
         ctx = {"sweep": sweep.to_dict(), "folder": str(folder), "cwd": os.getcwd(), "uri": uri,
                "parent_run_id": parent, "shared": {}, "shared_gate": gate,
                "shared_stand_ins": shared_stand_ins(shared), "extra": dict(extra or {})}
