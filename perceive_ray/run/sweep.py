@@ -152,12 +152,13 @@ def start_shared(sweep: LoadedSweep, shared: list[tuple[Any, Any]], folder: Path
         try:
             exports = run_shared(sweep, shared, folder, tracker, parent)
         except BaseException as exc:  # noqa: BLE001 (handed to the trials through the gate, to the driver by future)
-            future.set_exception(exc)
+            future.set_exception(exc)  # (first: the driver finds it done once the trials have failed at the gate)
             with contextlib.suppress(Exception):  # Ray may be shutting down (the driver was interrupted)
                 ray.get(gate.open.remote(None, f"{type(exc).__name__}: {exc}"[:2000]))
             return
-        ray.get(gate.open.remote(exports, None))
         future.set_result(exports)
+        with contextlib.suppress(Exception):
+            ray.get(gate.open.remote(exports, None))
 
     # a daemon thread: an interrupted driver does not wait for it at exit (shutting Ray down ends its training)
     threading.Thread(target=train_then_open, name="perceive-shared-runs", daemon=True).start()
@@ -365,8 +366,11 @@ def run_sweep(sweep: LoadedSweep, *, resume: bool = False, storage: str | None =
                                           failure_config=tune.FailureConfig(max_failures=res.max_failures),
                                           callbacks=progress_callbacks(sweep)))
         grid = tuner.fit()
-        if shared_runs is not None:
+        if shared_runs is not None and shared_runs.done():
             shared_runs.result()  # a shared run's failure is the sweep's error (its trials failed at the gate)
+        elif shared_runs is not None:  # the trials ended first (an interrupted sweep): do not wait, Ray stops below
+            print("[sweep] the trials ended before the shared run(s) finished; stopping them (--resume continues)",
+                  file=sys.stderr, flush=True)
         summary = summarize(sweep, folder, grid, parent)
         status = "FINISHED" if not summary["errored"] else "FAILED"
         return summary
