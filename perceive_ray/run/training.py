@@ -205,8 +205,10 @@ def fault_step(kind: str = "train_worker") -> int | None:
     return int(value.split(":")[1]) if value.startswith(f"{kind}:") else None
 
 
-def maybe_die(run_dir: Path, step: int, rank: int, world: int) -> None:
-    """Fault injection: the last rank exits abruptly (or stalls) once, just before the configured step runs."""
+def maybe_die(run_dir: Path, step: int, rank: int, world: int, saved: int = 0) -> None:
+    """Fault injection: the last rank exits abruptly (or stalls) once, just before the configured step runs.
+    ``saved``: the step of this run's newest checkpoint; a stall waits until Ray Train has registered it (its
+    controller does so when it next polls the workers), so a driver killed during the stall resumes from it."""
     if rank != world - 1:
         return
     for kind in ("train_worker", "train_hold"):
@@ -216,6 +218,10 @@ def maybe_die(run_dir: Path, step: int, rank: int, world: int) -> None:
         if kind == "train_hold" and len(parts) > 3 and not run_dir.name.endswith(parts[3]):
             continue
         marker = Path(parts[2]) if kind == "train_hold" and len(parts) > 2 else run_dir / f".fault-{kind}-{step}"
+        if kind == "train_hold":
+            deadline = time.monotonic() + 120
+            while latest_checkpoint_step(run_dir) < saved and time.monotonic() < deadline:
+                time.sleep(0.1)
         try:
             with open(marker, "x", encoding="utf-8") as handle:
                 handle.write(str(run_dir))
@@ -395,6 +401,7 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
         gauges = TrainGauges()
     shard = ray.train.get_dataset_shard(f"rank{rank}")
     started, first_step = time.monotonic(), step
+    saved = step  # the newest checkpoint (the one resumed from, if any)
     window_rows, window_start = 0, time.monotonic()
     max_missing = config.data.max_missing_fraction
     in_worker = cfg.get("decode_in_worker")  # data.decode_tasks: 0 (the batches are absolute row ids)
@@ -409,7 +416,7 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
             continue  # the dataset started before the checkpoint (a checkpoint registered after it was built)
         if int(steps[0]) != step:
             raise RuntimeError(f"rank {rank}: expected step {step}, the data is at step {int(steps[0])}")
-        maybe_die(run_dir, step + 1, rank, world)
+        maybe_die(run_dir, step + 1, rank, world, saved)
         ok = np.asarray(rows["ok"], dtype=bool)
         bad = torch.tensor([float((~ok).sum()), float(len(ok))], device=device)
         if dist.is_initialized():
@@ -462,6 +469,7 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
                      "data_position": {"step": step, "rows_per_rank": plan.local_rows}}
             save_checkpoint(engine, job, step=step, state=state, rank=rank, final=final, zero_stage=zero_stage,
                             metrics=metrics)
+            saved = step
             if rank == 0:
                 tracker.log_tags({"checkpoint.step": str(step), "checkpoint.location": str(run_dir / STORAGE_NAME /
                                                                                         f"step_{step:08d}")})
