@@ -150,7 +150,10 @@ def decode_batch(batch: dict[str, Any], *, roots: Mapping[str, str], on_error: s
     """Ray Data task: add ``image`` (RGB uint8) and ``error`` ('' or the reason) to each row."""
     rows = [{"benchmark": b, "image_path": p} for b, p in zip(batch["benchmark"], batch["image_path"], strict=True)]
     images, errors = decode_rows(rows, roots, on_error)
-    return {**batch, "image": images, "error": errors}
+    # Ray hands ``texts`` over as an object array of arrays, which Arrow cannot take back (Ray then logs a
+    # conversion warning and pickles the column); lists of str become Arrow's list<string>, as in the manifest.
+    texts = [[str(text) for text in row_texts] for row_texts in batch["texts"]]
+    return {**batch, "texts": texts, "image": images, "error": errors}
 
 
 @ray.remote(num_cpus=0)

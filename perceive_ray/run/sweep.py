@@ -353,12 +353,13 @@ def run_sweep(sweep: LoadedSweep, *, resume: bool = False, storage: str | None =
             tuner = tune.Tuner(
                 trainable, param_space=param_space(sweep),
                 tune_config=tune.TuneConfig(num_samples=config.num_samples,
-                                            max_concurrent_trials=res.max_concurrent_trials,
                                             # a finished trial's actor runs the next trial (all ask the same
                                             # resources): one process start and its imports less per trial
                                             reuse_actors=True,
-                                            # BasicVariantGenerator's own limit: TuneConfig's is not
-                                            # applied to a search_alg passed in (4 trials ran at once).
+                                            # BasicVariantGenerator's own limit: TuneConfig's
+                                            # max_concurrent_trials is not applied to a search_alg passed in
+                                            # (4 trials ran at once; Tune warns that it ignores it), so it is
+                                            # not set there.
                                             search_alg=BasicVariantGenerator(
                                                 random_state=config.seed,
                                                 max_concurrent=res.max_concurrent_trials)),

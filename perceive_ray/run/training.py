@@ -352,7 +352,7 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from perceive_ray.train.deepspeed import skip_unused_cpu_comm_op
+    from perceive_ray.train.deepspeed import clip_fp32_gradients_like_torch, skip_unused_cpu_comm_op
     from perceive_ray.train.gradcache import chunk_seed, run_accumulation_step, run_step
 
     config = TrainExperimentConfig.model_validate(cfg["config"])
@@ -375,6 +375,7 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
         skip_unused_cpu_comm_op()  # no JIT compile of an inference-only op (perceive_ray.train.deepspeed)
     engine, optimizer, _, _ = deepspeed.initialize(model=job.module, model_parameters=job.parameter_groups(),
                                                    config=ds_config)
+    clip_fp32_gradients_like_torch(engine)  # ZeRO 0 + grad_clip: DeepSpeed's own clip fails on 0-dim parameters
     zero_stage = config.train.deepspeed.zero_stage
     gathered = (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)) if zero_stage == 3 \
         else None

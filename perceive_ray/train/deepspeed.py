@@ -95,3 +95,27 @@ def skip_unused_cpu_comm_op() -> bool:
         return False
     compatible[SHM_COMM_OP] = False
     return True
+
+
+def clip_fp32_gradients_like_torch(engine: Any) -> bool:
+    """On DeepSpeed's fp32, no-ZeRO path (``zero_stage: 0`` without bf16/fp16) with ``gradient_clipping`` set, clip
+    with ``torch.nn.utils.clip_grad_norm_`` instead of DeepSpeed's own helper. Returns whether it was installed.
+
+    DeepSpeed's helper multiplies every gradient in place by a shape-[1] coefficient, which raises on a 0-dim
+    parameter ("output with shape [] doesn't match the broadcast shape [1]"): CLIP's ``logit_scale`` is one, so
+    every CLIP-side ``zero_stage: 0`` run with ``grad_clip`` failed at its first step. The clip is the same one: at
+    the accumulation boundary, after the gradients' all-reduce (identical on every rank), the L2 norm over all
+    gradients and the coefficient ``max / (norm + 1e-6)`` capped at 1. The ZeRO stages and bf16 clip in their own
+    optimisers and are left alone."""
+    import torch
+
+    if engine.gradient_clipping() <= 0.0 or engine.fp16_enabled() or engine.bfloat16_enabled() \
+            or engine.amp_enabled() or engine.zero_optimization():
+        return False
+
+    def clip() -> None:
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_norm=engine.gradient_clipping(), foreach=False)
+
+    engine.clip_fp32_gradients = clip  # the method DeepSpeed's _take_model_step calls on this path
+    return True

@@ -59,6 +59,19 @@ def test_demo_prints_stages_table_verdicts_and_commands(demo):
     assert f"perceive-ray report --sweep demo_study --tracking-uri {uri}" in out
 
 
+def test_two_trial_slots_each_reusing_one_trial_process(demo):
+    """resources.max_concurrent_trials: 2 holds (BasicVariantGenerator's limit), and reuse_actors=True runs each
+    slot's trials in one Tune trial process: two process starts and their imports, not six."""
+    import re
+
+    _, out = demo
+    started = re.findall(r"\(run_trial pid=(\d+)\)\S* \[sweep\] trial (\w+): (.+?) \(MLflow run ", out)
+    assert sorted(label for _, _, label in started) == sorted(VARIANTS)
+    assert len({pid for pid, _, _ in started}) == 2, started
+    running = [int(n) for n in re.findall(r"\[sweep demo_study\] \d+/6 finished, (\d+) running", out)]
+    assert running and max(running) == 2
+
+
 def test_demo_summary_is_consistent_with_the_sweep_records(demo):
     workdir, _ = demo
     summary = json.loads((workdir / "demo_summary.json").read_text())

@@ -237,3 +237,24 @@ def test_decode_tasks_caps_the_decoding_pool(ray_local, workdir, monkeypatch):
     assert ResourcesConfig().decode_tasks is None
     with pytest.raises(ValueError, match="decode_tasks"):
         ResourcesConfig(decode_tasks=0)
+
+
+def test_decoded_rows_keep_texts_as_an_arrow_list_of_strings(ray_local, workdir):
+    """decode_batch's output goes back into Ray Data blocks with ``texts`` as list<string> (the manifest's type),
+    not as a pickled-object column (Ray logs an ArrowConversionError warning for the object arrays it hands in)."""
+    import pyarrow as pa
+    import ray.data
+
+    from perceive_ray.data.images import scoring_rows
+    from perceive_ray.run.inference import decode_batch
+
+    root = workdir / "synth" / "whatsup"
+    rows = scoring_rows(load_benchmark("whatsup_controlled_a", root), limit=3)
+    assert all(len(row["texts"]) == 4 for row in rows)
+    rows[0]["texts"] = rows[0]["texts"][:2]  # ragged lists, as across benchmarks
+    ds = ray.data.from_items(rows).map_batches(
+        decode_batch, fn_kwargs={"roots": {"whatsup_controlled_a": str(root)}, "on_error": "record"}, batch_size=2)
+    table = pa.concat_tables(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    assert table.schema.field("texts").type == pa.list_(pa.string())
+    assert table.column("texts").to_pylist() == [row["texts"] for row in rows]
+    assert table.column("error").to_pylist() == [""] * len(rows)

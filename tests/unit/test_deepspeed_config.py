@@ -323,3 +323,42 @@ def test_the_inference_only_shm_op_is_not_compiled(deepspeed_cpu, monkeypatch, t
     engine, _, _, _ = deepspeed_cpu.initialize(model=model, model_parameters=model.parameters(), config=ds)
     assert ds_comm.cdb.shm_comm_op is None
     assert not (tmp_path / "ext").exists()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.distributed.*` is deprecated:FutureWarning")  # DeepSpeed's ZeRO-3 calls
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_grad_clip_clips_like_torch_at_every_zero_stage(deepspeed_cpu, stage):
+    """train.deepspeed.grad_clip on a model with a 0-dim parameter (CLIP's logit_scale): every stage trains like
+    torch's clip_grad_norm_ + AdamW on the full batch, two steps of 4 chunks. At stage 0 DeepSpeed's own fp32 clip
+    raised on the 0-dim parameter; clip_fp32_gradients_like_torch replaces it there and only there."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from perceive_ray.train.deepspeed import clip_fp32_gradients_like_torch
+
+    config = load({"resources.num_workers": 1, "train.deepspeed.zero_stage": stage, "train.optim.lr": 0.05,
+                   "train.optim.eps": 1.0, "train.deepspeed.grad_clip": 0.05,
+                   "train.deepspeed.stage3_param_persistence_threshold": 0}, smoke=True)
+    ds = build_deepspeed_config(config)
+    torch.manual_seed(0)
+    model = TinyClip()
+    reference = TinyClip()
+    reference.load_state_dict(model.state_dict())
+    adamw = torch.optim.AdamW(reference.parameters(), lr=0.05, betas=(0.9, 0.98), eps=1.0, weight_decay=0.0)
+    batches = [{"image": torch.randn(8, 6), "text": torch.randn(8, 5)} for _ in range(2)]
+    engine, _, _, _ = deepspeed_cpu.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    assert engine.gradient_clipping() == 0.05
+    assert clip_fp32_gradients_like_torch(engine) is (stage == 0)
+    norms = []
+    for step, batch in enumerate(batches):
+        adamw.zero_grad()
+        expected, _ = clip_loss(reference(batch))
+        expected.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm=0.05)))
+        chunks = [{k: v[i: i + 2] for k, v in batch.items()} for i in range(0, 8, 2)]
+        run_step(engine, clip_loss, chunks, [chunk_seed(0, step, 0, c) for c in range(4)])
+        adamw.step()
+        for name, param in engine.module.named_parameters():
+            value = safe_get_full_fp32_param(param) if stage == 3 else param.detach()
+            torch.testing.assert_close(value, dict(reference.named_parameters())[name].detach(), atol=1e-5,
+                                       rtol=1e-5, msg=f"step {step}: {name}")
+    assert min(norms) > 0.05 * 5  # the clip was active (eps 1 makes the update scale with the clipped gradient)
