@@ -5,6 +5,11 @@ run: the demo driver and all its descendants (Ray's GCS, raylet, workers, Train 
 are counted once per process, so the sum over-states the true footprint: it is an upper bound. Also records the
 machine's used memory (total - available) at the same instants, minus what was used before the demo started.
 
+The machine's busy CPU-seconds over the run (user + nice + system + irq + softirq, all cores; steal and iowait
+excluded) are recorded too, and, before the run, the host's speed: the CPU time of a fresh ``import torch``
+(median of three, user + system of the child). On a 2-core VM the same run took 224-534 busy CPU-seconds on
+different days; the probe says which kind of day a wall time came from (benchmarks/RESULTS.md §8).
+
     .venv/bin/python benchmarks/demo_resources.py [--quick] [--seed N] [--workdir DIR] [--out FILE.json]
 
 The demo's own summary (table, verdicts) lands in <workdir>/demo_summary.json as usual.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -37,6 +43,23 @@ def tree_rss(root: psutil.Process) -> int:
     return total
 
 
+def busy_cpu_seconds() -> float:
+    times = psutil.cpu_times()
+    return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq"))
+
+
+def import_torch_cpu_seconds(repeats: int = 3) -> float:
+    """Median CPU time (user + system, from the child's rusage) of ``python -c "import torch"`` in a fresh process:
+    the host's speed at the kind of work that dominates the demo (process start-up and imports)."""
+    samples = []
+    for _ in range(repeats):
+        child = subprocess.Popen([sys.executable, "-c", "import torch"])
+        _, _, usage = os.wait4(child.pid, 0)
+        child.returncode = 0  # reaped by wait4
+        samples.append(usage.ru_utime + usage.ru_stime)
+    return round(sorted(samples)[len(samples) // 2], 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -44,12 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--out", help="write the measurement as JSON here")
     args = parser.parse_args(argv)
+    probe = import_torch_cpu_seconds()
     baseline = psutil.virtual_memory()
     used_before = baseline.total - baseline.available
     command = [sys.executable, "-m", "perceive_ray", "demo", "--workdir", args.workdir, "--seed", str(args.seed)]
     if args.quick:
         command.append("--quick")
-    started = time.perf_counter()
+    started, busy_before = time.perf_counter(), busy_cpu_seconds()
     process = subprocess.Popen(command)
     root = psutil.Process(process.pid)
     peak = {"tree_rss": 0, "machine_used_delta": 0}
@@ -68,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     done.set()
     sampler.join()
     wall = time.perf_counter() - started
+    busy = busy_cpu_seconds() - busy_before
     result = {"command": " ".join(command), "returncode": code, "wall_s": round(wall, 1),
               "peak_tree_rss_gb": round(peak["tree_rss"] / 1e9, 2),
               "peak_machine_used_delta_gb": round(peak["machine_used_delta"] / 1e9, 2),
+              "busy_cpu_s": round(busy, 1), "host_probe_import_torch_cpu_s": probe,
               "cpus": psutil.cpu_count(), "machine_memory_gb": round(baseline.total / 1e9, 1)}
     print(json.dumps(result, indent=2))
     if args.out:
