@@ -12,8 +12,6 @@ token losses are taken in float32 (as in training), hence a 1e-6 relative tolera
 
 from __future__ import annotations
 
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.fixtures.spawn import spawn_ranks
 from tests.unit.test_llava_job import CAPTIONS, IMAGE_V1, TEXT_V1, Engine, grads, make_rows, projector_job
 
 WORLD = 2
@@ -87,12 +85,6 @@ def _worker(rank: int, port: int, tiny: dict, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from perceive_ray.models.clip import save_tiny_clip
@@ -108,19 +100,8 @@ def rank_results(tiny, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")  # inherited by the spawned ranks
         patch.setenv("TRANSFORMERS_OFFLINE", "1")
-        context = mp.start_processes(_worker, args=(free_port(), tiny, str(out_dir)), nprocs=WORLD, join=False,
-                                     start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            while not context.join(timeout=1.0):  # raises ProcessRaisedException when a rank fails
-                if time.monotonic() > deadline:
-                    pytest.fail(f"distributed LLaVA loss ranks still running after {TIMEOUT_S} s")
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.terminate()
-                process.join(timeout=10)
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+        return spawn_ranks(_worker, (tiny,), world=WORLD, out_dir=out_dir, timeout_s=TIMEOUT_S,
+                           what="distributed LLaVA loss ranks")
 
 
 @pytest.mark.parametrize("stage", sorted(ROWS))

@@ -8,8 +8,6 @@ averaged gradients with the loss and gradients of one process on the whole batch
 
 from __future__ import annotations
 
-import socket
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -17,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import nn
@@ -31,6 +28,7 @@ from perceive_ray.train.losses import (
     compute_siglip_loss,
     compute_sparc_loss_distributed,
 )
+from tests.fixtures.spawn import spawn_ranks
 
 WORLD = 2
 TIMEOUT_S = 120  # whole spawn; gloo collectives time out after COLLECTIVE_TIMEOUT_S
@@ -155,29 +153,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     """Both ranks' (loss, averaged grads) per case; a child's exception fails here with its traceback."""
     out_dir = tmp_path_factory.mktemp("losses_distributed")
-    context = mp.start_processes(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=1.0):  # raises ProcessRaisedException when a child fails
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed loss workers still running after {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-            process.join(timeout=10)
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    return spawn_ranks(_worker, (), world=WORLD, out_dir=out_dir, timeout_s=TIMEOUT_S,
+                       what="distributed loss workers")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

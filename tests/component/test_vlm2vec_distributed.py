@@ -25,8 +25,6 @@ those float32 ops see the same reduction order. Observed differences are ~1e-14 
 from __future__ import annotations
 
 import json
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,7 +32,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.fixtures.spawn import spawn_ranks
 
 WORLD = 2
 TIMEOUT_S = 180  # whole spawn; gloo collectives time out after COLLECTIVE_TIMEOUT_S
@@ -165,12 +164,6 @@ def _worker(rank: int, port: int, source: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _offline():
     # The reference runs on 1 thread like the ranks: the float32 loss ops (pooled embeddings are fp32 by design)
@@ -195,19 +188,8 @@ def tiny_llava(tmp_path_factory):
 def rank_results(tiny_llava, tmp_path_factory):
     """Both ranks' (loss, averaged grads) per case; a child's exception fails here with its traceback."""
     out_dir = tmp_path_factory.mktemp("vlm2vec_dist_out")
-    context = mp.start_processes(_worker, args=(free_port(), tiny_llava, str(out_dir)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed VLM2Vec workers still running after {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-            process.join(timeout=10)
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    return spawn_ranks(_worker, (tiny_llava,), world=WORLD, out_dir=out_dir, timeout_s=TIMEOUT_S,
+                       what="distributed VLM2Vec workers")
 
 
 def reference(source: str, case: str) -> tuple[float, dict[str, torch.Tensor]]:

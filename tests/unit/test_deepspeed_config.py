@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from perceive_ray.train.deepspeed import (
 from perceive_ray.train.gradcache import chunk_seed, run_step
 from perceive_ray.train.losses import compute_clip_loss
 from perceive_ray.training_config import compute_accumulation
+from tests.fixtures.spawn import free_port
 
 torch.set_num_threads(2)
 
@@ -188,12 +188,6 @@ def test_json_serialisable_and_deterministic():
 # -- DeepSpeed itself, in this process (CPU accelerator, a one-process gloo group) -------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def deepspeed_cpu():
     """``deepspeed`` imported with the CPU accelerator, inside a world-size-1 gloo group (destroyed afterwards)."""
@@ -252,6 +246,21 @@ class BoundaryGrads:
         self.calls += 1
 
 
+def against_adamw(stage: int, overrides: dict):
+    """The DeepSpeed config (8 rows = micro 2 x 4 chunks, lr 0.05, eps 1), a TinyClip, an identical reference with
+    torch's AdamW at the same settings, and two full batches."""
+    config = load({"resources.num_workers": 1, "train.deepspeed.zero_stage": stage, "train.optim.lr": 0.05,
+                   "train.optim.eps": 1.0, "train.deepspeed.stage3_param_persistence_threshold": 0, **overrides},
+                  smoke=True)
+    torch.manual_seed(0)
+    model = TinyClip()
+    reference = TinyClip()
+    reference.load_state_dict(model.state_dict())
+    adamw = torch.optim.AdamW(reference.parameters(), lr=0.05, betas=(0.9, 0.98), eps=1.0, weight_decay=0.0)
+    batches = [{"image": torch.randn(8, 6), "text": torch.randn(8, 5)} for _ in range(2)]
+    return build_deepspeed_config(config), model, reference, adamw, batches
+
+
 @pytest.mark.filterwarnings("ignore:`torch.distributed.*` is deprecated:FutureWarning")  # DeepSpeed's ZeRO-3 calls
 @pytest.mark.parametrize(("stage", "offload"), [(0, {}), (1, {}), (2, {}), (3, {}),
                                                 (2, {"train.deepspeed.offload_optimizer": True}),
@@ -264,18 +273,9 @@ def test_deepspeed_trains_like_full_batch_adamw(deepspeed_cpu, stage, offload):
     the 0-dim ``logit_scale`` gets its gradient through the first chunk only, which offloading must not drop)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    config = load({"resources.num_workers": 1, "train.deepspeed.zero_stage": stage, "train.optim.lr": 0.05,
-                   "train.optim.eps": 1.0, "train.deepspeed.stage3_param_persistence_threshold": 0, **offload},
-                  smoke=True)
-    ds = build_deepspeed_config(config)
+    ds, model, reference, adamw, batches = against_adamw(stage, offload)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) \
         == (8, 2, 4)
-    torch.manual_seed(0)
-    model = TinyClip()
-    reference = TinyClip()
-    reference.load_state_dict(model.state_dict())
-    adamw = torch.optim.AdamW(reference.parameters(), lr=0.05, betas=(0.9, 0.98), eps=1.0, weight_decay=0.0)
-    batches = [{"image": torch.randn(8, 6), "text": torch.randn(8, 5)} for _ in range(2)]
 
     engine, optimizer, _, _ = deepspeed_cpu.initialize(model=model, model_parameters=model.parameters(), config=ds)
     assert engine.zero_optimization_stage() == stage
@@ -335,16 +335,7 @@ def test_grad_clip_clips_like_torch_at_every_zero_stage(deepspeed_cpu, stage):
 
     from perceive_ray.train.deepspeed import clip_fp32_gradients_like_torch
 
-    config = load({"resources.num_workers": 1, "train.deepspeed.zero_stage": stage, "train.optim.lr": 0.05,
-                   "train.optim.eps": 1.0, "train.deepspeed.grad_clip": 0.05,
-                   "train.deepspeed.stage3_param_persistence_threshold": 0}, smoke=True)
-    ds = build_deepspeed_config(config)
-    torch.manual_seed(0)
-    model = TinyClip()
-    reference = TinyClip()
-    reference.load_state_dict(model.state_dict())
-    adamw = torch.optim.AdamW(reference.parameters(), lr=0.05, betas=(0.9, 0.98), eps=1.0, weight_decay=0.0)
-    batches = [{"image": torch.randn(8, 6), "text": torch.randn(8, 5)} for _ in range(2)]
+    ds, model, reference, adamw, batches = against_adamw(stage, {"train.deepspeed.grad_clip": 0.05})
     engine, _, _, _ = deepspeed_cpu.initialize(model=model, model_parameters=model.parameters(), config=ds)
     assert engine.gradient_clipping() == 0.05
     assert clip_fp32_gradients_like_torch(engine) is (stage == 0)
