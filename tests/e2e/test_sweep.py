@@ -155,7 +155,8 @@ def test_the_interrupted_trial_ends_with_the_uninterrupted_weights(swept):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     again = subprocess.run([sys.executable, "-m", "perceive_ray", "train", str(REPO / "experiments/train/clip_ft.yaml"),
                             "--smoke", "--no-track", "--run-id", trial, f"train.loss.kind={kind}",
-                            "train.loss.hard_negatives=null", f"output_dir={swept['folder'] / 'runs'}"],
+                            "train.loss.hard_negatives=null", "resources.num_workers=1",  # the sweep's smoke
+                            f"output_dir={swept['folder'] / 'runs'}"],
                            cwd=swept["folder"].parents[1], capture_output=True, text=True, timeout=120,
                            env=os.environ | {"HF_HUB_OFFLINE": "1", "RAY_DISABLE_USAGE_STATS": "1"})
     assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-2000:]

@@ -256,5 +256,10 @@ def test_decoded_rows_keep_texts_as_an_arrow_list_of_strings(ray_local, workdir)
         decode_batch, fn_kwargs={"roots": {"whatsup_controlled_a": str(root)}, "on_error": "record"}, batch_size=2)
     table = pa.concat_tables(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     assert table.schema.field("texts").type == pa.list_(pa.string())
-    assert table.column("texts").to_pylist() == [row["texts"] for row in rows]
-    assert table.column("error").to_pylist() == [""] * len(rows)
+    # Ray Data does not promise the input order across blocks: match the rows by their ids.
+    got = {(r["item_id"], r["image_index"]): r for r in table.select(["item_id", "image_index", "texts", "error"])
+           .to_pylist()}
+    assert sorted(got) == sorted((row["item_id"], row["image_index"]) for row in rows)
+    for row in rows:
+        assert got[(row["item_id"], row["image_index"])]["texts"] == row["texts"]
+        assert got[(row["item_id"], row["image_index"])]["error"] == ""
