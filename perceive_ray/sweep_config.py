@@ -25,6 +25,7 @@ and the key. No Ray, no MLflow here (``perceive_ray.run.sweep`` runs it).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -436,6 +437,46 @@ def check_sweep(sweep: LoadedSweep, *, fixed: Mapping[str, Any] = (),
             raise ConfigError(f"{sweep.path}: trial {trial_label(point)}: {exc}") from None
         checked.append(configs)
     return checked
+
+
+# -- the experiment files a sweep reads ---------------------------------------------------------------------------
+
+def experiment_files(sweep: LoadedSweep) -> list[Path]:
+    """Every experiment file the sweep's shared runs and trials read (each value of the search space, as
+    ``check_sweep`` probes it), with their ``base:`` files; sorted. The sweep file itself is compared by content
+    (``perceive_ray.run.sweep.check_resume``)."""
+    paths = {sweep.resolve(stage.experiment) for stage in sweep.config.shared}
+    for point in probe_points(sweep.config):
+        plan = plan_trial(sweep, point)
+        paths.update([*plan.stages, plan.evaluation])
+    with_bases = set(paths)
+    for path in paths:
+        base = read_yaml(path).get("base")
+        if isinstance(base, str):
+            with_bases.add((path.parent / base).resolve())
+    return sorted(with_bases)
+
+
+def file_digests(paths: list[Path]) -> dict[str, str]:
+    """``{path: sha256 of its bytes}``."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+def changed_files(recorded: Mapping[str, str]) -> list[str]:
+    """The recorded files whose bytes differ now, or that are gone."""
+    changed = []
+    for name, digest in sorted(recorded.items()):
+        path = Path(name)
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            changed.append(name)
+    return changed
+
+
+def files_changed_error(changed: list[str], *, what: str) -> ConfigError:
+    shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    return ConfigError(f"{what}: experiment file(s) changed since the sweep started: {shown}. Its trials must read "
+                       "what the finished ones read: restore the file(s) (git diff / git checkout), or start a new "
+                       "sweep (another name or --storage)")
 
 
 def grid_size(sweep: SweepConfig) -> int:

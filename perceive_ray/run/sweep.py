@@ -14,6 +14,9 @@ the base experiment + its dotted overrides, finds or creates its MLflow child ru
   trials start: a trial imports what its runs need, then waits at the sweep's ``SharedRunGate`` (an actor) until
   the shared runs have finished (their exports) or failed (the trial fails with their error, and so does the
   sweep; ``--resume`` continues the shared run from its checkpoint and reruns the trials).
+- ``sweep.json`` also records the sha256 of every experiment file the trials read (``base:`` files included):
+  ``--resume`` refuses (exit 2, naming the file) when one has changed, and so does a trial that starts after an
+  edit, so no trial silently reads other contents than the finished ones.
 - ``<sweep folder>/trials/<trial id>.json`` records each trial (overrides, label, status, run folders, metrics):
   a report can be rebuilt from the folder alone.
 """
@@ -40,7 +43,11 @@ from perceive_ray.sweep_config import (
     LoadedSweep,
     SearchDimension,
     build_trial_configs,
+    changed_files,
     check_sweep,
+    experiment_files,
+    file_digests,
+    files_changed_error,
     grid_size,
     published_row,
     shared_configs,
@@ -181,6 +188,11 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     sweep = LoadedSweep.from_dict(ctx["sweep"])
     folder, uri = Path(ctx["folder"]), ctx["uri"]
     trial_id = tune.get_context().get_trial_id()
+    # A trial reads the experiment files when it starts: one edited since the sweep started would make this trial
+    # differ from the finished ones, silently. It fails instead, naming the file.
+    changed = changed_files(ctx.get("files") or {})
+    if changed:
+        raise files_changed_error(changed, what=f"trial {trial_id}")
     overrides = {key: params[key] for key in sweep.config.search}
     label = trial_label(overrides)
     fixed = fixed_overrides(folder, uri, sweep, ctx.get("extra"))
@@ -255,8 +267,14 @@ def check_resume(sweep: LoadedSweep, folder: Path, *, resume: bool,
             raise ConfigError(f"sweep {sweep.config.name!r} already has a folder {folder}: continue it with --resume, "
                               "or remove the folder / choose another --storage to start over")
         return {}
-    if not state or not tune.Tuner.can_restore(str(folder / TUNE_DIR)):
-        raise ConfigError(f"--resume: no sweep state to resume in {folder} (start the sweep without --resume)")
+    no_state = f"--resume: no sweep state to resume in {folder} (start the sweep without --resume)"
+    if not state:
+        raise ConfigError(no_state)
+    changed = changed_files(state.get("files") or {})  # (a sweep folder written before files were recorded: none)
+    if changed:
+        raise files_changed_error(changed, what="--resume")
+    if not tune.Tuner.can_restore(str(folder / TUNE_DIR)):
+        raise ConfigError(no_state)
     before, now = state["sweep"]["config"], sweep.to_dict()["config"]
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k != "resources")
     if state.get("extra", {}) != json.loads(json.dumps(extra or {})):
@@ -300,6 +318,8 @@ def run_sweep(sweep: LoadedSweep, *, resume: bool = False, storage: str | None =
     shared = shared_configs(sweep, fixed=fixed)
     # every trial's configs, before anything runs (shared:<id> read as the shared run's starting model)
     checked = check_sweep(sweep, fixed=fixed, shared=shared_stand_ins(shared))
+    # what every trial must read: compared by --resume and by each trial when it starts
+    files = state.get("files") or file_digests(experiment_files(sweep))
     if sweep.smoke:
         from perceive_ray.smoke import prepare_smoke
 
@@ -323,7 +343,7 @@ def run_sweep(sweep: LoadedSweep, *, resume: bool = False, storage: str | None =
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / SWEEP_FILE, {"name": config.name, "parent_run_id": parent, "tracking_uri": uri,
                                      "experiment": config.tracking.experiment, "sweep": sweep.to_dict(),
-                                     "extra": dict(extra or {}),
+                                     "extra": dict(extra or {}), "files": files,
                                      "started": state.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     trials = grid_size(config) if all(d.grid is not None for d in config.search.values()) else config.num_samples
     print(f"[sweep] {config.name}: {trials} trial(s) over {', '.join(config.search)}; "
@@ -341,7 +361,7 @@ def run_sweep(sweep: LoadedSweep, *, resume: bool = False, storage: str | None =
             shared_runs.result()  # waiting trials would hold GPUs the shared runs' workers need: train them first
         ctx = {"sweep": sweep.to_dict(), "folder": str(folder), "cwd": os.getcwd(), "uri": uri,
                "parent_run_id": parent, "shared": {}, "shared_gate": gate,
-               "shared_stand_ins": shared_stand_ins(shared), "extra": dict(extra or {})}
+               "shared_stand_ins": shared_stand_ins(shared), "extra": dict(extra or {}), "files": files}
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                         {"cpu": res.trial_cpus, "gpu": res.trial_gpus})
         if resume:

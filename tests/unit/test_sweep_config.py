@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,10 @@ from perceive_ray.cli import main
 from perceive_ray.config import ConfigError
 from perceive_ray.sweep_config import (
     build_trial_configs,
+    changed_files,
     check_sweep,
+    experiment_files,
+    file_digests,
     load_sweep,
     plan_trial,
     probe_points,
@@ -205,3 +209,41 @@ def test_validate_cli_checks_sweep_files(tmp_path, capsys):
     assert "12 validated point(s)" in capsys.readouterr().out
     bad = write_sweep(tmp_path, search={"train.clip.lock_imag": {"grid": [True]}})
     assert main(["validate", str(bad)]) == 2
+
+
+def test_experiment_files_are_every_file_the_trials_and_shared_runs_read():
+    exp = REPO / "experiments"
+    files = experiment_files(load_sweep(exp / "sweeps/training_data.yaml", smoke=True))
+    assert files == sorted(p.resolve() for p in [exp / "train/clip_ft.yaml", exp / "_base/train_clip.yaml",
+                                                 exp / "eval/clip_whatsup.yaml", exp / "_base/eval.yaml"])
+    # the demo: its shared pretraining, every variant's bundle files (training and evaluation), their two bases
+    demo = experiment_files(load_sweep(exp / "sweeps/demo_study.yaml", smoke=True))
+    assert demo == sorted([*(p.resolve() for p in (exp / "demo").glob("*.yaml")),
+                           (exp / "_base/demo_train.yaml").resolve(), (exp / "_base/eval.yaml").resolve()])
+
+
+def test_resume_refuses_experiment_files_changed_since_the_sweep_started(tmp_path, capsys):
+    """sweep.json records the files' sha256 at the start; --resume names an edited one (a base file here) and exits
+    2 before Ray; a trial that starts after the edit fails on the same check (``changed_files``)."""
+    exp = tmp_path / "experiments"
+    shutil.copytree(REPO / "experiments", exp)
+    path = write_sweep(tmp_path, experiment=str(exp / "train/clip_ft.yaml"),
+                       evaluate={"experiment": str(exp / "eval/clip_whatsup.yaml"), "trained": ["model.source"]})
+    sweep = load_sweep(path)
+    recorded = file_digests(experiment_files(sweep))
+    assert str((exp / "_base/train_clip.yaml").resolve()) in recorded
+    folder = sweep.folder(tmp_path / "s")
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps({"sweep": sweep.to_dict(), "extra": {}, "files": recorded}))
+    resume = ["sweep", str(path), "--resume", "--storage", str(tmp_path / "s"), "--no-track"]
+    assert changed_files(recorded) == []
+    assert main(resume) == 2 and "no sweep state to resume" in capsys.readouterr().err  # unchanged: next check
+
+    base = exp / "_base/train_clip.yaml"
+    base.write_text(base.read_text().replace("lr: 5.0e-6", "lr: 1.0e-5"))
+    assert changed_files(recorded) == [str(base.resolve())]
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert str(base.resolve()) in err and "changed since the sweep started" in err and "Traceback" not in err
+    (exp / "eval/clip_whatsup.yaml").unlink()
+    assert changed_files(recorded) == sorted([str(base.resolve()), str((exp / "eval/clip_whatsup.yaml").resolve())])
