@@ -457,9 +457,13 @@ def experiment_files(sweep: LoadedSweep) -> list[Path]:
     return sorted(with_bases)
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def file_digests(paths: list[Path]) -> dict[str, str]:
     """``{path: sha256 of its bytes}``."""
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+    return {str(p): _sha256(p) for p in paths}
 
 
 def changed_files(recorded: Mapping[str, str]) -> list[str]:
@@ -467,7 +471,7 @@ def changed_files(recorded: Mapping[str, str]) -> list[str]:
     changed = []
     for name, digest in sorted(recorded.items()):
         path = Path(name)
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+        if not path.is_file() or _sha256(path) != digest:
             changed.append(name)
     return changed
 
