@@ -10,7 +10,9 @@ lower bounds. Other processes started on the machine meanwhile are counted too: 
 
     .venv/bin/python benchmarks/process_cpu.py [--out FILE.json] [--top N] -- COMMAND [ARGS...]
 
-Prints the wall time, the total, and the top kinds (CPU-seconds, count); --out writes every process.
+Prints the wall time, the total, and the top kinds (CPU-seconds, count); --out writes every process with its start
+(seconds after this script started; the kernel's start times are good to about a second), the titles it showed,
+and a timeline of its CPU-seconds (a point a second): enough to see which kinds kept the cores busy when.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Sampler:
     def __init__(self) -> None:
         self.before = set(psutil.pids())
         self.me = os.getpid()
+        self.t0 = time.time()
         self.seen: dict[tuple[int, float], dict] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -55,14 +58,22 @@ class Sampler:
             info = process.info
             if info["pid"] in self.before or info["pid"] == self.me or info["cpu_times"] is None:
                 continue
-            entry = self.seen.setdefault((info["pid"], info["create_time"]), {"pid": info["pid"], "title": "",
-                                                                            "cpu_s": 0.0})
+            entry = self.seen.setdefault((info["pid"], info["create_time"]), {
+                "pid": info["pid"], "title": "", "cpu_s": 0.0, "start_s": round(max(0.0, info["create_time"] - self.t0), 1),
+                "titles": [], "timeline": []})
             title = " ".join(info["cmdline"] or [])
             named = entry["title"].startswith("ray::") and not entry["title"].startswith("ray::IDLE")
             if title and not named:
                 entry["title"] = title
+            if title and title not in entry["titles"]:
+                entry["titles"].append(title)
             times = info["cpu_times"]
-            entry["cpu_s"] = max(entry["cpu_s"], times.user + times.system)
+            cpu = max(entry["cpu_s"], times.user + times.system)
+            now = round(time.time() - self.t0, 1)
+            # (seconds since the start, CPU-seconds so far): at most one point a second, and only when it moved
+            if cpu > entry["cpu_s"] and (not entry["timeline"] or now - entry["timeline"][-1][0] >= 1.0):
+                entry["timeline"].append((now, round(cpu, 2)))
+            entry["cpu_s"] = cpu
 
     def __enter__(self) -> Sampler:
         self._thread.start()

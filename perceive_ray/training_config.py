@@ -50,9 +50,9 @@ class TrainDataConfig(StrictModel):
     decode_cpus: float = Field(default=0.5, gt=0, description="Ray CPUs per image-decoding task.")
     # At most this many decoding tasks at once (Ray Data TaskPoolStrategy(size=n)); null: as many as CPUs allow. Each
     # task is a worker process (a LLaVA job's holds torch + transformers for the image processor, ~1 GB): a cap bounds
-    # the run's memory on a small machine. 0: no decoding tasks, each training worker decodes its own rows (Ray Data
-    # hands it the row ids): the same pixels, bit for bit, for tiny images on a few cores where a decoding process
-    # costs more than it saves; on a GPU cluster keep tasks, so decoding overlaps the steps.
+    # the run's memory on a small machine. 0: no decoding tasks and no Ray Data dataset, each training worker makes
+    # its own row ids and decodes them: the same pixels, bit for bit, for tiny images on a few cores where a decoding
+    # process costs more than it saves; on a GPU cluster keep tasks, so decoding overlaps the steps.
     decode_tasks: int | None = Field(default=None, ge=0)
     # A missing image found mid-epoch is skipped and counted; more than this fraction of a step's rows fails the run.
     max_missing_fraction: float = Field(default=0.01, ge=0.0, le=1.0)

@@ -5,8 +5,8 @@ are this rank's slots of every remaining step in order: row -> (step, slot) -> t
 order puts there (``data/llava_data.py::rank_rows``, independent of worker count and timing). Images are decoded in
 CPU tasks (``map_batches``, fractional CPUs) with the seeded train transform, so 1.2M images stream through the
 object store and never sit in a worker's memory. ``data.decode_tasks: 0`` (small images on a few cores) runs no
-task: the dataset is the row ids, and each worker decodes its own batches with the same function. The datasets are
-callables: Ray Train calls them each time the worker group starts, and they begin at the step of the newest
+task and has no dataset: each worker makes the row ids of its remaining steps and decodes its own batches with the
+same function (and Ray Train starts no DatasetManager actor for the run). The datasets are callables: Ray Train calls them each time the worker group starts, and they begin at the step of the newest
 registered checkpoint, so a restarted group neither re-decodes finished steps nor sees a different order (the
 worker still checks every row's step).
 
@@ -164,11 +164,18 @@ def decode_spec(prepared: PreparedRun) -> dict[str, Any]:
     return out
 
 
-class RankDataset:
-    """Ray Train calls this at every worker-group start: rank ``rank``'s rows from the last checkpointed step.
+def worker_row_ids(step: int, plan: TrainPlan) -> Any:
+    """``data.decode_tasks: 0``: the absolute row ids of every step from ``step`` (the one resumed from) on, one
+    step's ``local_rows`` per batch, made in the worker: the rows a ``RankDataset`` of ids would stream, with no Ray
+    Data dataset (and no DatasetManager actor) at all."""
+    local = plan.local_rows
+    for s in range(step, plan.total_steps):
+        yield {"id": np.arange(s * local, (s + 1) * local, dtype=np.int64)}
 
-    ``data.decode_tasks: 0``: the dataset is the rows' absolute ids only (no task at all: the blocks come from the
-    caller), and the worker runs ``decode_rows`` on each batch itself (``train_fn_per_worker``)."""
+
+class RankDataset:
+    """Ray Train calls this at every worker-group start: rank ``rank``'s rows from the last checkpointed step,
+    decoded by ``data.decode_tasks`` CPU tasks (with ``0`` there is no dataset: ``worker_row_ids``)."""
 
     def __init__(self, prepared: PreparedRun, rank: int) -> None:
         self.run_dir = str(prepared.run_dir.resolve())
@@ -185,17 +192,12 @@ class RankDataset:
         ray.data.DataContext.get_current().enable_progress_bars = False
         start = latest_checkpoint_step(Path(self.run_dir))
         local = self.plan["local_rows"]
-        if self.decode_tasks == 0:
-            import pyarrow as pa
-
-            ids = np.arange(start * local, max(start, self.plan["total_steps"]) * local, dtype=np.int64)
-            return ray.data.from_arrow(pa.table({"id": ids}))
         rows = max(0, (self.plan["total_steps"] - start) * local)
         fn = partial(decode_rows, run_dir=self.run_dir, plan=self.plan, rank=self.rank, start=start,
                      seed=self.seed, spec=self.spec)
-        compute = ray.data.TaskPoolStrategy(size=self.decode_tasks) if self.decode_tasks else None
         return ray.data.range(rows).map_batches(
-            fn, batch_size=local, num_cpus=self.decode_cpus, batch_format="numpy", compute=compute)
+            fn, batch_size=local, num_cpus=self.decode_cpus, batch_format="numpy",
+            compute=ray.data.TaskPoolStrategy(size=self.decode_tasks) if self.decode_tasks else None)
 
 
 # -- worker ------------------------------------------------------------------------------------------------------
@@ -400,13 +402,14 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
         from perceive_ray.run.ray_metrics import TrainGauges
 
         gauges = TrainGauges()
-    shard = ray.train.get_dataset_shard(f"rank{rank}")
+    in_worker = cfg.get("decode_in_worker")  # data.decode_tasks: 0 (the worker makes its own row ids)
+    batches = worker_row_ids(step, plan) if in_worker is not None else ray.train.get_dataset_shard(
+        f"rank{rank}").iter_batches(batch_size=plan.local_rows, batch_format="numpy", prefetch_batches=1)
     started, first_step = time.monotonic(), step
     saved = step  # the newest checkpoint (the one resumed from, if any)
     window_rows, window_start = 0, time.monotonic()
     max_missing = config.data.max_missing_fraction
-    in_worker = cfg.get("decode_in_worker")  # data.decode_tasks: 0 (the batches are absolute row ids)
-    for rows in shard.iter_batches(batch_size=plan.local_rows, batch_format="numpy", prefetch_batches=1):
+    for rows in batches:
         if in_worker is not None:
             rows = decode_rows(rows, run_dir=str(run_dir), plan=cfg["plan"], rank=rank, start=0, seed=config.seed,
                                spec=in_worker)
@@ -501,28 +504,33 @@ def check_cluster_cpus(config: TrainExperimentConfig) -> None:
 
 
 def trainer_class() -> type:
-    """Ray Train's ``TorchTrainer``; on a local instance started by ``init_ray`` (no dashboard), one without Ray
-    Train's PlacementGroupCleaner. That detached actor watches the controller through the state API, which needs the
-    dashboard: without it every poll fails, so it would never clean anything up, and it logs "Failed to query Ray
-    Train Controller actor state" every second of every run (~2.5 CPU-s per run). Ray has no switch for it; the
-    subclass drops its callback from the default list. If Ray moves that class, the plain TorchTrainer is used."""
+    """Ray Train's ``TorchTrainer`` less two default callbacks that would only cost CPU here (Ray has no switch for
+    either; if Ray moves their classes, the plain TorchTrainer is used):
+
+    - on a local instance started by ``init_ray`` (no dashboard), the PlacementGroupCleaner. That detached actor
+      watches the controller through the state API, which needs the dashboard: without it every poll fails, so it
+      would never clean anything up, and it logs "Failed to query Ray Train Controller actor state" every second of
+      every run (~2.5 CPU-s per run);
+    - for a run with no datasets (``data.decode_tasks: 0``), the datasets callback: it starts a DatasetManager actor
+      (a process, ~2.5 CPU-s) at every worker-group start even when there is nothing to manage."""
     from ray.train.torch import TorchTrainer
 
     from perceive_ray.run.inference import LOCAL_NO_DASHBOARD_ENV
 
-    if os.environ.get(LOCAL_NO_DASHBOARD_ENV) != "1":
-        return TorchTrainer
     try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:
         return TorchTrainer
+    local = os.environ.get(LOCAL_NO_DASHBOARD_ENV) == "1"
 
-    class LocalTorchTrainer(TorchTrainer):
+    class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self) -> list[Any]:
             return [cb for cb in super()._create_default_callbacks()
-                    if not isinstance(cb, PlacementGroupCleanerCallback)]
+                    if not (local and isinstance(cb, PlacementGroupCleanerCallback))
+                    and not (not self.datasets and isinstance(cb, DatasetsCallback))]
 
-    return LocalTorchTrainer
+    return LeanTorchTrainer
 
 
 def build_trainer(prepared: PreparedRun, tracking: dict[str, Any]) -> Any:
@@ -543,7 +551,9 @@ def build_trainer(prepared: PreparedRun, tracking: dict[str, Any]) -> Any:
     loop_config = {"config": absolute_paths(config).model_dump(mode="json", by_alias=True), "plan": prepared.plan.__dict__,
                    "run_dir": str(prepared.run_dir.resolve()), "config_hash": config_hash(config),
                    "decode_in_worker": decode_spec(prepared) if config.data.decode_tasks == 0 else None, **tracking}
-    datasets = {f"rank{r}": RankDataset(prepared, r) for r in range(res.num_workers)}
+    # data.decode_tasks 0: no dataset, the workers make their row ids (worker_row_ids)
+    datasets = {f"rank{r}": RankDataset(prepared, r) for r in range(res.num_workers)} \
+        if config.data.decode_tasks != 0 else None
     return trainer_class()(
         train_fn_per_worker,
         train_loop_config=loop_config,
@@ -559,7 +569,8 @@ def build_trainer(prepared: PreparedRun, tracking: dict[str, Any]) -> Any:
         datasets=datasets,
         # Each rank reads its own dataset whole, in order: one batch = one step. Ray Train applies these options to
         # the datasets' execution (they override what the dataset's own context says).
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
+        if datasets else None,
     )
 
 

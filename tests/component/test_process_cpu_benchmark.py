@@ -21,5 +21,9 @@ def test_counts_the_cpu_of_the_command_and_its_children_and_keeps_its_exit_code(
     assert result["rc"] == 3 and result["wall_s"] >= 1.2
     burners = [p for p in result["processes"] if p["title"].startswith(sys.executable)]
     assert len(burners) == 2 and all(p["cpu_s"] >= 0.5 for p in burners)  # the command and its child
+    for p in burners:  # when each started, and its CPU-seconds over time (rising, within the run)
+        assert 0 <= p["start_s"] <= result["wall_s"] + 1 and p["timeline"] and p["titles"] == [p["title"]]
+        times, cpus = zip(*p["timeline"], strict=True)
+        assert list(times) == sorted(times) and list(cpus) == sorted(cpus) and cpus[-1] <= p["cpu_s"]
     assert result["cpu_s"] >= 1.0 and sum(k["processes"] for k in result["kinds"]) == len(result["processes"])
     assert "[process_cpu] rc 3" in done.stderr

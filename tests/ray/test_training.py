@@ -188,7 +188,7 @@ def test_killed_worker_resumes_to_the_uninterrupted_parameters(workdir, monkeypa
     PACL+RoPE with dropout 0.1 and 2 GradCache chunks: equality needs the same data order, the same dropout masks
     (keyed by step, rank and chunk) and the restored Adam state. The killed run decodes its images in the workers
     (``data.decode_tasks: 0``), the clean one in Ray Data tasks: equality also shows both give the same pixels, and
-    that the id-only dataset restarts at the checkpoint's step.
+    that the row ids the workers make themselves restart at the checkpoint's step.
     """
     settings = {**REPEAT, "train.epochs": 2, "train.checkpoint.every_steps": 2}
     clean, _, _ = train(workdir, HEADS_EXP, "fault_clean", **settings)
@@ -204,6 +204,23 @@ def test_killed_worker_resumes_to_the_uninterrupted_parameters(workdir, monkeypa
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_workers_that_decode_their_rows_get_no_dataset_and_no_dataset_manager(workdir):
+    """``data.decode_tasks: 0``: the trainer has no datasets and none of Ray Train's datasets callback (which would
+    start a DatasetManager actor, a process, at every worker-group start); decoding tasks keep one dataset a rank."""
+    from perceive_ray.run.training import build_trainer, prepare_training
+
+    def trainer(run_id: str, **overrides):
+        os.chdir(workdir)
+        config = load_config(HEADS_EXP, {"output_dir": str(workdir / "runs"), **overrides}, smoke=True)
+        built = build_trainer(prepare_training(config, run_id=run_id), {})
+        return built, {type(cb).__name__ for cb in built._create_default_callbacks()}
+
+    in_workers, callbacks = trainer("no_dataset", **{"data.decode_tasks": 0})
+    assert not in_workers.datasets and "DatasetsCallback" not in callbacks
+    in_tasks, callbacks = trainer("datasets", **{"data.decode_tasks": 1})
+    assert set(in_tasks.datasets) == {"rank0", "rank1"} and "DatasetsCallback" in callbacks
 
 
 def test_unreadable_image_mid_epoch_is_counted_skipped_and_logged(workdir):

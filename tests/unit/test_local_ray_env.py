@@ -46,20 +46,25 @@ def test_local_ray_workers_get_the_one_machine_settings_unless_the_user_set_them
     assert LOCAL_RAY_ENV == {PREEMPTION_WATCHER_ENV: "0", HEALTH_CHECK_ENV: "0.5"}
 
 
-def test_trainer_without_placement_group_cleaner_only_on_a_local_instance(monkeypatch):
+def test_trainer_drops_the_placement_group_cleaner_locally_and_the_datasets_callback_without_datasets(monkeypatch):
+    import ray.data
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from perceive_ray.run.training import trainer_class
 
-    def callbacks() -> list[str]:
-        trainer = trainer_class()(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    def callbacks(**datasets) -> list[str]:
+        trainer = trainer_class()(lambda: None, scaling_config=ScalingConfig(num_workers=1), datasets=datasets or None)
         assert isinstance(trainer, TorchTrainer)
         return [type(cb).__name__ for cb in trainer._create_default_callbacks()]
 
     monkeypatch.delenv(LOCAL_NO_DASHBOARD_ENV, raising=False)
-    assert trainer_class() is TorchTrainer and "PlacementGroupCleanerCallback" in callbacks()
+    with_data = callbacks(rank0=lambda: ray.data.range(4))
+    assert {"PlacementGroupCleanerCallback", "DatasetsCallback"} <= set(with_data)
+    no_data = callbacks()
+    assert "PlacementGroupCleanerCallback" in no_data and "DatasetsCallback" not in no_data
     monkeypatch.setenv(LOCAL_NO_DASHBOARD_ENV, "1")
-    kept = callbacks()
+    kept = callbacks(rank0=lambda: ray.data.range(4))
     assert "PlacementGroupCleanerCallback" not in kept
     assert {"BackendSetupCallback", "DatasetsCallback", "UserCallbackHandler"} <= set(kept)
+    assert set(callbacks()) == set(kept) - {"DatasetsCallback"}
