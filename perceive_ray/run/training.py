@@ -6,9 +6,10 @@ order puts there (``data/llava_data.py::rank_rows``, independent of worker count
 CPU tasks (``map_batches``, fractional CPUs) with the seeded train transform, so 1.2M images stream through the
 object store and never sit in a worker's memory. ``data.decode_tasks: 0`` (small images on a few cores) runs no
 task and has no dataset: each worker makes the row ids of its remaining steps and decodes its own batches with the
-same function (and Ray Train starts no DatasetManager actor for the run). The datasets are callables: Ray Train calls them each time the worker group starts, and they begin at the step of the newest
-registered checkpoint, so a restarted group neither re-decodes finished steps nor sees a different order (the
-worker still checks every row's step).
+same function (and Ray Train starts no DatasetManager actor for the run). The datasets are callables: Ray Train
+calls them each time the worker group starts, and they begin at the step of the newest registered checkpoint, so a
+restarted group neither re-decodes finished steps nor sees a different order (the worker still checks every row's
+step).
 
 Worker. Seeds identically, builds the job, ``deepspeed.initialize`` (DeepSpeed reuses Ray's process group), resumes
 from ``ray.train.get_checkpoint()`` (step, config hash and data position in ``client_state``), then per step: the
