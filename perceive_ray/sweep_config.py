@@ -25,7 +25,6 @@ and the key. No Ray, no MLflow here (``perceive_ray.run.sweep`` runs it).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -45,6 +44,7 @@ from perceive_ray.config import (
     read_yaml,
     validate,
 )
+from perceive_ray.data.sources import sha256_file
 
 EVAL_PREFIX = "eval."
 EVAL_ONLY_TOP = ("scorer", "benchmarks", "metrics", "on_error", "max_error_fraction")
@@ -457,13 +457,9 @@ def experiment_files(sweep: LoadedSweep) -> list[Path]:
     return sorted(with_bases)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def file_digests(paths: list[Path]) -> dict[str, str]:
     """``{path: sha256 of its bytes}``."""
-    return {str(p): _sha256(p) for p in paths}
+    return {str(p): sha256_file(p) for p in paths}
 
 
 def changed_files(recorded: Mapping[str, str]) -> list[str]:
@@ -471,7 +467,7 @@ def changed_files(recorded: Mapping[str, str]) -> list[str]:
     changed = []
     for name, digest in sorted(recorded.items()):
         path = Path(name)
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             changed.append(name)
     return changed
 
