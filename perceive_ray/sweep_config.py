@@ -117,6 +117,8 @@ class ObjectiveConfig(StrictModel):
 class SweepResources(StrictModel):
     # The trial's own process (it drives a TorchTrainer and an evaluation and mostly waits): a fraction of a CPU.
     # On a local Ray the driver adds these fractions to the node's CPUs so the trial's workers get whole ones.
+    # A stage in Ray Train's local mode (resources.local) trains inside this process, within this reservation: on a
+    # shared cluster, give the trial what that training needs (its cpus_per_worker, a GPU).
     trial_cpus: float = Field(default=0.25, gt=0)
     trial_gpus: float = Field(default=0.0, ge=0)
     max_concurrent_trials: int = Field(default=1, ge=1)

@@ -7,7 +7,8 @@ Ray Data pipelines and the one ``train_fn_per_worker``.
 Run directory ``<output_dir>/train/<run id>/``: ``config.yaml``, ``run_record.json`` (config hash, data hashes,
 plan, versions; never rewritten), ``deepspeed.json``, ``samples.arrow`` (the memory-mapped sample table the decode
 tasks read), ``tracking.json`` (the MLflow run id, so a rerun reopens the same run), ``ray/`` (Ray Train storage:
-checkpoints ``step_XXXXXXXX`` and the checkpoint manager's snapshot; rerunning the same run id resumes from it),
+checkpoints ``step_XXXXXXXX`` and the checkpoint manager's snapshot, or for a ``resources.local`` run perceive_ray's
+own list ``local_checkpoints.json``; rerunning the same run id resumes from it),
 ``export/`` (the trained model in the layout the loaders read) and ``result.json`` once finished.
 """
 
@@ -38,6 +39,7 @@ EXPORT_DIR = "export"
 STORAGE_NAME = "ray"
 TRAIN_REF = "train:"
 STEP_DIR = re.compile(r"step_(\d{8})")
+LOCAL_CHECKPOINTS = "local_checkpoints.json"  # resources.local: the registered steps, in the Ray Train storage folder
 
 
 @dataclass(frozen=True)
@@ -311,14 +313,48 @@ def resolve_model_ref(config: TrainExperimentConfig) -> TrainExperimentConfig:
 
 
 def latest_checkpoint_step(run_dir: Path) -> int:
-    """The step of the newest checkpoint Ray Train registered (its snapshot file), 0 when there is none."""
+    """The step of the newest registered checkpoint, 0 when there is none: Ray Train's (its checkpoint manager's
+    snapshot file), or a ``resources.local`` run's (``local_checkpoints.json``)."""
     snapshot = run_dir / STORAGE_NAME / "checkpoint_manager_snapshot.json"
     try:
-        text = snapshot.read_text()
+        steps = [int(m) for m in STEP_DIR.findall(snapshot.read_text())]
     except OSError:
-        return 0
-    steps = [int(m) for m in STEP_DIR.findall(text)]
-    return max(steps, default=0)
+        steps = []
+    return max(steps + local_checkpoint_steps(run_dir), default=0)
+
+
+def local_checkpoint_steps(run_dir: Path) -> list[int]:
+    """The steps of a ``resources.local`` run's registered checkpoints, oldest first ([] when there is none)."""
+    try:
+        return sorted(int(step) for step in json.loads((run_dir / STORAGE_NAME / LOCAL_CHECKPOINTS).read_text()))
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def local_checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / STORAGE_NAME / f"step_{step:08d}"
+
+
+def register_local_checkpoint(source: Path, run_dir: Path, step: int, keep: int | None) -> Path:
+    """``resources.local``: what Ray Train's storage and checkpoint manager do for a worker group's checkpoints,
+    which its local mode only keeps in memory. Copies the checkpoint folder to ``ray/step_XXXXXXXX`` (the path a
+    worker group's would have), then registers the step (the list is replaced atomically, so a process killed at
+    any point leaves the previous checkpoint registered and whole), then deletes those beyond ``keep``."""
+    target = local_checkpoint_dir(run_dir, step)
+    temp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(temp, ignore_errors=True)
+    shutil.copytree(source, temp)
+    shutil.rmtree(target, ignore_errors=True)
+    temp.rename(target)
+    steps = sorted(set(local_checkpoint_steps(run_dir)) | {step})
+    kept = steps[-keep:] if keep else steps
+    listing = run_dir / STORAGE_NAME / (LOCAL_CHECKPOINTS + ".tmp")
+    listing.write_text(json.dumps(kept) + "\n")
+    listing.replace(run_dir / STORAGE_NAME / LOCAL_CHECKPOINTS)
+    for old in steps:
+        if old not in kept:
+            shutil.rmtree(local_checkpoint_dir(run_dir, old), ignore_errors=True)
+    return target
 
 
 def copy_export(checkpoint_dir: Path, run_dir: Path) -> Path:

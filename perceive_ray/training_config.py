@@ -194,6 +194,11 @@ class TrainResourcesConfig(StrictModel):
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
     max_failures: int = Field(default=1, ge=0, description="Worker-group restarts from the latest checkpoint.")
+    local: bool = Field(default=False, description=(
+        "Ray Train's local mode (ScalingConfig num_workers=0): the training function runs in the calling process "
+        "(the driver, or a sweep's trial), one rank, no controller or worker actors. For small runs on few cores, "
+        "where starting a worker group costs more than the training; checkpoints are kept by perceive_ray in the "
+        "same place, so a rerun resumes. Needs num_workers 1 and data.decode_tasks 0; max_failures does not apply."))
 
 
 class TrainExperimentConfig(StrictModel):
@@ -268,6 +273,11 @@ class TrainExperimentConfig(StrictModel):
             if llava.stage == "lora" and llava.vision_tower is not None:
                 raise ValueError("train.llava.vision_tower: stage lora starts from a Llava checkpoint (model.source: "
                                  "train:<stage-1 run id>), it assembles nothing")
+        if self.resources.local and self.resources.num_workers != 1:
+            raise ValueError(f"resources.local: Ray Train's local mode runs one rank in the calling process; set "
+                             f"resources.num_workers: 1 (got {self.resources.num_workers})")
+        if self.resources.local and self.data.decode_tasks != 0:
+            raise ValueError("resources.local: a local-mode run decodes its own rows; set data.decode_tasks: 0")
         compute_accumulation(self)  # raises on a global batch that does not split
         return self
 

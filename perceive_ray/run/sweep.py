@@ -123,7 +123,8 @@ class SharedRunFailed(RuntimeError):
 
 def preload_trial(configs: Any) -> None:
     """Import what this trial's runs will need in this process (Ray Train's torch backend, each stage's job module
-    and the trackers): done while the shared runs train, it is not on the sweep's critical path afterwards."""
+    and the trackers, and DeepSpeed for a stage in Ray Train's local mode, which trains here): done while the shared
+    runs train, it is not on the sweep's critical path afterwards."""
     import ray.train.torch  # noqa: F401
 
     from perceive_ray import registry
@@ -132,6 +133,10 @@ def preload_trial(configs: Any) -> None:
 
     for stage in configs.stages:
         registry.resolve("jobs", stage.job)
+        if stage.resources.local:
+            from perceive_ray.run.training import preload_local
+
+            preload_local(stage.resources.use_gpu)  # the stage trains in this process (resources.local)
 
 
 def wait_for_shared(gate: Any, trial_id: str, label: str) -> dict[str, str]:

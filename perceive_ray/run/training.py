@@ -16,6 +16,12 @@ from ``ray.train.get_checkpoint()`` (step, config hash and data position in ``cl
 learning rate from open_clip's schedule, GradCache chunks (``train/gradcache.py``), the job's post-step hook
 (``logit_scale`` clamp), progress, MLflow on rank 0, and every ``train.checkpoint.every_steps`` a checkpoint that
 EVERY rank saves (frozen parameters excluded) and reports; the last one carries rank 0's export.
+
+Local mode (``resources.local``): Ray Train's own ``ScalingConfig(num_workers=0)`` runs the same function in the
+calling process, as one rank, with a process group of one that the process keeps (``local_process_group``; Ray's
+plain local controller, which leaves it alone: ``trainer_class``). Ray's local mode keeps reported checkpoints
+only in memory, so each is also copied to where a worker group's would be and registered
+(``training.register_local_checkpoint``); a rerun resumes from it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -50,7 +57,10 @@ from perceive_ray.training import (
     config_hash,
     copy_export,
     latest_checkpoint_step,
+    local_checkpoint_dir,
+    local_checkpoint_steps,
     prepare_training,
+    register_local_checkpoint,
     write_result,
 )
 from perceive_ray.training_config import TrainExperimentConfig
@@ -321,9 +331,29 @@ def open_tracker(cfg: dict[str, Any]) -> Any:
         return NullTracker()
 
 
+def train_api(local: bool) -> Any:
+    """``get_context``, ``get_checkpoint`` and ``report`` for ``train_fn_per_worker``. In a worker group: Ray Train's
+    public functions. In local mode: the ``TrainFnUtils`` object those functions call, called directly, because in a
+    Tune trial (a sweep's local-mode stage) the public ones refuse to run: the trial's Tune session is in the same
+    process, and Ray guards a Tune function against calling ``ray.train.*`` (ray-project/ray#49454)."""
+    if not local:
+        return ray.train
+    from types import SimpleNamespace
+
+    from ray.train.v2._internal.execution.train_fn_utils import get_train_fn_utils
+
+    utils = get_train_fn_utils()
+
+    def report(metrics: dict[str, Any], checkpoint: Any = None, checkpoint_dir_name: str | None = None) -> None:
+        utils.report(metrics=metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name)
+
+    return SimpleNamespace(get_context=utils.get_context, get_checkpoint=utils.get_checkpoint, report=report)
+
+
 def save_checkpoint(engine: Any, job: Any, *, step: int, state: dict[str, Any], rank: int, final: bool,
-                    zero_stage: int, metrics: dict[str, float]) -> None:
-    """Every rank saves its part under one tag and reports it; rank 0 adds ``export/`` to the last one."""
+                    zero_stage: int, metrics: dict[str, float], local: tuple[Path, int | None] | None = None) -> None:
+    """Every rank saves its part under one tag and reports it; rank 0 adds ``export/`` to the last one.
+    ``local``: (run directory, checkpoints to keep) of a local-mode run, which registers the checkpoint itself."""
     import deepspeed
     from ray.train import Checkpoint
 
@@ -343,8 +373,9 @@ def save_checkpoint(engine: Any, job: Any, *, step: int, state: dict[str, Any], 
             finally:
                 if ctx is not None:
                     ctx.__exit__(None, None, None)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)),
-                         checkpoint_dir_name=f"step_{step:08d}")
+        folder = register_local_checkpoint(tmp, local[0], step, local[1]) if local is not None else tmp
+        train_api(local is not None).report(metrics, checkpoint=Checkpoint.from_directory(str(folder)),
+                                            checkpoint_dir_name=f"step_{step:08d}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -361,7 +392,8 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
     config = TrainExperimentConfig.model_validate(cfg["config"])
     plan = TrainPlan(**cfg["plan"])
     run_dir = Path(cfg["run_dir"])
-    ctx = ray.train.get_context()
+    api = train_api(bool(cfg.get("local")))
+    ctx = api.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if world != plan.world_size:
         raise RuntimeError(f"planned for {plan.world_size} workers, running on {world}")
@@ -384,7 +416,11 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
         else None
     schedule = build_schedule(optimizer, config, plan.total_steps)
     step, missing = 0, 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = api.get_checkpoint()
+    if checkpoint is None and cfg.get("local") and local_checkpoint_steps(run_dir):
+        from ray.train import Checkpoint
+
+        checkpoint = Checkpoint.from_directory(str(local_checkpoint_dir(run_dir, local_checkpoint_steps(run_dir)[-1])))
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             tag = (Path(folder) / "latest").read_text().strip()
@@ -473,7 +509,8 @@ def train_fn_per_worker(cfg: dict[str, Any]) -> None:
                      "config_hash": cfg["config_hash"], "missing_images": missing,
                      "data_position": {"step": step, "rows_per_rank": plan.local_rows}}
             save_checkpoint(engine, job, step=step, state=state, rank=rank, final=final, zero_stage=zero_stage,
-                            metrics=metrics)
+                            metrics=metrics, local=(run_dir, config.train.checkpoint.num_to_keep)
+                            if cfg.get("local") else None)
             saved = step
             if rank == 0:
                 tracker.log_tags({"checkpoint.step": str(step), "checkpoint.location": str(run_dir / STORAGE_NAME /
@@ -513,7 +550,10 @@ def trainer_class() -> type:
       would never clean anything up, and it logs "Failed to query Ray Train Controller actor state" every second of
       every run (~2.5 CPU-s per run);
     - for a run with no datasets (``data.decode_tasks: 0``), the datasets callback: it starts a DatasetManager actor
-      (a process, ~2.5 CPU-s) at every worker-group start even when there is nothing to manage."""
+      (a process, ~2.5 CPU-s) at every worker-group start even when there is nothing to manage.
+
+    It also gives ``resources.local`` runs Ray's plain local controller (see ``_get_local_controller``); without
+    that class a local-mode run is refused (``build_trainer``)."""
     from ray.train.torch import TorchTrainer
 
     from perceive_ray.run.inference import LOCAL_NO_DASHBOARD_ENV
@@ -521,6 +561,7 @@ def trainer_class() -> type:
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+        from ray.train.v2._internal.execution.local_mode.utils import LocalController
     except ImportError:
         return TorchTrainer
     local = os.environ.get(LOCAL_NO_DASHBOARD_ENV) == "1"
@@ -530,6 +571,12 @@ def trainer_class() -> type:
             return [cb for cb in super()._create_default_callbacks()
                     if not (local and isinstance(cb, PlacementGroupCleanerCallback))
                     and not (not self.datasets and isinstance(cb, DatasetsCallback))]
+
+        def _get_local_controller(self) -> Any:
+            # resources.local: Ray's plain local controller. TorchTrainer's makes a process group from the torchrun
+            # variables and destroys it after each run, which DeepSpeed's per-process group caches do not survive
+            # (the second run in a process fails); local_process_group keeps one for the process instead.
+            return LocalController(experiment_name=self.run_config.name, datasets=self.datasets)
 
     return LeanTorchTrainer
 
@@ -551,16 +598,22 @@ def build_trainer(prepared: PreparedRun, tracking: dict[str, Any]) -> Any:
             env[name] = os.environ[name]
     loop_config = {"config": absolute_paths(config).model_dump(mode="json", by_alias=True), "plan": prepared.plan.__dict__,
                    "run_dir": str(prepared.run_dir.resolve()), "config_hash": config_hash(config),
-                   "decode_in_worker": decode_spec(prepared) if config.data.decode_tasks == 0 else None, **tracking}
+                   "decode_in_worker": decode_spec(prepared) if config.data.decode_tasks == 0 else None,
+                   "local": res.local, **tracking}
     # data.decode_tasks 0: no dataset, the workers make their row ids (worker_row_ids)
     datasets = {f"rank{r}": RankDataset(prepared, r) for r in range(res.num_workers)} \
         if config.data.decode_tasks != 0 else None
-    return trainer_class()(
+    cls = trainer_class()
+    if res.local and "_get_local_controller" not in cls.__dict__:
+        raise RuntimeError("resources.local: this Ray has no ray.train.v2 LocalController where perceive_ray looks "
+                           "for it (Ray 2.60's layout); run with resources.local: false")
+    return cls(
         train_fn_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
-                                     resources_per_worker={"CPU": res.cpus_per_worker}),
+        # resources.local: Ray Train's local mode (no controller, no workers: train_fn_per_worker runs in this process)
+        scaling_config=ScalingConfig(num_workers=0) if res.local else ScalingConfig(
+            num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker}),
         run_config=RunConfig(
             name=STORAGE_NAME, storage_path=str(prepared.run_dir.resolve()),
             failure_config=FailureConfig(max_failures=res.max_failures),
@@ -573,6 +626,40 @@ def build_trainer(prepared: PreparedRun, tracking: dict[str, Any]) -> Any:
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
         if datasets else None,
     )
+
+
+def local_process_group(use_gpu: bool) -> None:
+    """A local-mode run's process group of one (gloo, or NCCL for a GPU run) on 127.0.0.1 and a free port, made at
+    this process's first local-mode run and kept for the next ones (a sweep's reused trial actor runs several):
+    DeepSpeed caches the groups it derives from it per process, so a group destroyed and made again would leave it
+    holding dead ones. DeepSpeed then reuses this group, as it reuses a worker group's. The process also gets what a
+    worker group's workers have: the launcher's variables for the group, and ``DS_ACCELERATOR`` (unless set)."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    backend = "nccl" if use_gpu else "gloo"
+    if dist.is_initialized():
+        if dist.get_world_size() != 1 or dist.get_backend() != backend:
+            raise RuntimeError(f"resources.local: this process already has a torch.distributed group "
+                               f"({dist.get_backend()}, {dist.get_world_size()} ranks), not a {backend} group of one")
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # what a launcher sets, and DeepSpeed reads (LOCAL_RANK above all), describing this group of one
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def preload_local(use_gpu: bool) -> None:
+    """Import what ``train_fn_per_worker`` imports, in a process that will run it in local mode (a sweep's trial
+    preloads while the shared runs train). ``DS_ACCELERATOR`` first: DeepSpeed picks its accelerator on import."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    import deepspeed  # noqa: F401
+
+    from perceive_ray.train import deepspeed as _ds  # noqa: F401
+    from perceive_ray.train import gradcache as _gc  # noqa: F401
 
 
 def fit_releasing_controller(trainer: Any) -> Any:
@@ -605,15 +692,20 @@ def run_train(config: TrainExperimentConfig, *, run_id: str | None = None, addre
     plan, config = prepared.plan, prepared.config  # (model.source train:<id> resolved)
     with RunLock(prepared.run_dir):
         tracking = TrainingTracking(config, prepared, enabled=track, attach_run=attach_run)
+        where = "in this process (Ray Train's local mode)" if config.resources.local else \
+            f"on {plan.world_size} worker(s)"
         print(f"[train] run {prepared.run_id}: {config.job}, {plan.num_samples} samples, {plan.total_steps} steps "
-              f"x {plan.global_batch} rows on {plan.world_size} worker(s) ({plan.chunks} chunk(s) each); "
+              f"x {plan.global_batch} rows {where} ({plan.chunks} chunk(s) each); "
               f"{'resuming' if prepared.resumed else 'starting'} in {prepared.run_dir}", flush=True)
         started_ray = init_ray(address, log_to_driver=True)
         status = "FAILED"
         try:
-            check_cluster_cpus(config)
+            if not config.resources.local:  # (a local-mode run asks Ray for nothing)
+                check_cluster_cpus(config)
             trainer = build_trainer(prepared, tracking.worker_config())
             started = time.monotonic()
+            if config.resources.local:
+                local_process_group(config.resources.use_gpu)
             result = fit_releasing_controller(trainer)
             if result.checkpoint is None:
                 raise RuntimeError("training ended without a checkpoint")

@@ -238,3 +238,47 @@ def test_unreadable_image_mid_epoch_is_counted_skipped_and_logged(workdir):
         "data.sources": sources, "train.max_steps": None, "train.epochs": 1, "data.max_missing_fraction": 0.5})
     assert log[-1]["train/missing_images"] == 1  # 16 samples, 2 steps: met once, skipped, counted
     assert result["steps"] == 2 and Path(result["export"]).is_dir()
+
+
+def test_local_mode_equals_a_worker_group_and_a_killed_local_run_resumes(workdir):
+    """``resources.local``: Ray Train's local mode runs ``train_fn_per_worker`` in this process. Its export is
+    bit-identical to a one-worker group's; a local-mode run whose process dies (``os._exit`` before step 6) resumes,
+    on rerun, from the checkpoint perceive_ray registered for it and ends bit-identical too. The clean and the
+    resumed local runs run one after the other in this process (what a sweep's reused trial actor does)."""
+    import sys
+
+    settings = {**REPEAT, "train.epochs": 2, "train.checkpoint.every_steps": 2, "data.decode_tasks": 0,
+                "resources.num_workers": 1, "resources.cpus_per_worker": 1, "train.checkpoint.num_to_keep": 1}
+    group, _, _ = train(workdir, HEADS_EXP, "group_one", **settings)
+    before = set(train_actor_processes())
+    local, run_dir, log = train(workdir, HEADS_EXP, "local_clean", **settings, **{"resources.local": True})
+    assert set(train_actor_processes()) <= before  # no controller: the run trained in this process
+    assert [row["step"] for row in log] == list(range(1, 9))
+    assert json.loads((run_dir / "ray/local_checkpoints.json").read_text()) == [8]  # num_to_keep 1
+    assert sorted(p.name for p in (run_dir / "ray").glob("step_*")) == ["step_00000008"]
+    assert local["checkpoint"] == str(run_dir / "ray/step_00000008")
+
+    overrides = [f"{key}={json.dumps(value)}" for key, value in {**settings, "resources.local": True}.items()]
+    env = {**os.environ, "PERCEIVE_RAY_FAULT": "train_worker:6", "RAY_ADDRESS": ""}
+    killed = subprocess.run([sys.executable, "-m", "perceive_ray", "train", str(HEADS_EXP), "--smoke", "--no-track",
+                             "--run-id", "local_killed", f"output_dir={workdir / 'runs'}", *overrides],
+                            cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    killed_dir = workdir / "runs/train/local_killed"
+    assert killed.returncode == 1 and (killed_dir / ".fault-train_worker-6").exists(), killed.stderr[-3000:]
+    assert json.loads((killed_dir / "ray/local_checkpoints.json").read_text()) == [4]
+    resumed, _, log = train(workdir, HEADS_EXP, "local_killed", **settings, **{"resources.local": True})
+    assert [row["step"] for row in log] == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # from step 4's checkpoint
+    for result in (local, resumed):
+        a = load_file(str(Path(group["export"]) / "head.safetensors"))
+        b = load_file(str(Path(result["export"]) / "head.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_local_mode_needs_one_rank_decoding_its_own_rows():
+    from perceive_ray.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="resources.local.*num_workers: 1"):
+        load_config(HEADS_EXP, {"resources.local": True, "data.decode_tasks": 0}, smoke=True)  # smoke: 2 workers
+    with pytest.raises((ConfigError, ValueError), match="resources.local.*data.decode_tasks: 0"):
+        load_config(HEADS_EXP, {"resources.local": True, "resources.num_workers": 1, "data.decode_tasks": 1},
+                    smoke=True)
