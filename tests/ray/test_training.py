@@ -240,36 +240,56 @@ def test_unreadable_image_mid_epoch_is_counted_skipped_and_logged(workdir):
     assert result["steps"] == 2 and Path(result["export"]).is_dir()
 
 
+LOCAL_TWO_RUNS = """
+import json, os, sys
+from perceive_ray.config import load_config
+from perceive_ray.run.training import run_train
+experiment, workdir, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+os.chdir(workdir)
+for run_id in ("local_clean", "local_killed"):  # a fresh local run, then the killed one's resume: one process
+    config = load_config(experiment, {"output_dir": os.path.join(workdir, "runs"), **settings}, smoke=True)
+    print("RESULT " + json.dumps(run_train(config, run_id=run_id, track=False)), flush=True)
+"""
+
+
 def test_local_mode_equals_a_worker_group_and_a_killed_local_run_resumes(workdir):
-    """``resources.local``: Ray Train's local mode runs ``train_fn_per_worker`` in this process. Its export is
+    """``resources.local``: Ray Train's local mode runs ``train_fn_per_worker`` in the calling process. Its export is
     bit-identical to a one-worker group's; a local-mode run whose process dies (``os._exit`` before step 6) resumes,
     on rerun, from the checkpoint perceive_ray registered for it and ends bit-identical too. The clean and the
-    resumed local runs run one after the other in this process (what a sweep's reused trial actor does)."""
+    resumed local runs run one after the other in one process (what a sweep's reused trial actor does). The local
+    runs are subprocesses: a process keeps its gloo group of one (``local_process_group``), which this pytest
+    process's later DeepSpeed tests must not find."""
     import sys
 
     settings = {**REPEAT, "train.epochs": 2, "train.checkpoint.every_steps": 2, "data.decode_tasks": 0,
                 "resources.num_workers": 1, "resources.cpus_per_worker": 1, "train.checkpoint.num_to_keep": 1}
     group, _, _ = train(workdir, HEADS_EXP, "group_one", **settings)
-    before = set(train_actor_processes())
-    local, run_dir, log = train(workdir, HEADS_EXP, "local_clean", **settings, **{"resources.local": True})
-    assert set(train_actor_processes()) <= before  # no controller: the run trained in this process
-    assert [row["step"] for row in log] == list(range(1, 9))
-    assert json.loads((run_dir / "ray/local_checkpoints.json").read_text()) == [8]  # num_to_keep 1
-    assert sorted(p.name for p in (run_dir / "ray").glob("step_*")) == ["step_00000008"]
-    assert local["checkpoint"] == str(run_dir / "ray/step_00000008")
-
-    overrides = [f"{key}={json.dumps(value)}" for key, value in {**settings, "resources.local": True}.items()]
+    local = {**settings, "resources.local": True}
     env = {**os.environ, "PERCEIVE_RAY_FAULT": "train_worker:6", "RAY_ADDRESS": ""}
+    overrides = [f"{key}={json.dumps(value)}" for key, value in local.items()]
     killed = subprocess.run([sys.executable, "-m", "perceive_ray", "train", str(HEADS_EXP), "--smoke", "--no-track",
                              "--run-id", "local_killed", f"output_dir={workdir / 'runs'}", *overrides],
                             cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     killed_dir = workdir / "runs/train/local_killed"
     assert killed.returncode == 1 and (killed_dir / ".fault-train_worker-6").exists(), killed.stderr[-3000:]
-    assert json.loads((killed_dir / "ray/local_checkpoints.json").read_text()) == [4]
-    resumed, _, log = train(workdir, HEADS_EXP, "local_killed", **settings, **{"resources.local": True})
-    assert [row["step"] for row in log] == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # from step 4's checkpoint
-    for result in (local, resumed):
-        a = load_file(str(Path(group["export"]) / "head.safetensors"))
+    assert json.loads((killed_dir / "ray/local_checkpoints.json").read_text()) == [4]  # num_to_keep 1
+    assert "in this process (Ray Train's local mode)" in killed.stdout
+    assert "TrainController" not in killed.stdout + killed.stderr  # no controller, no worker: it trained in-process
+
+    env.pop("PERCEIVE_RAY_FAULT")
+    both = subprocess.run([sys.executable, "-c", LOCAL_TWO_RUNS, str(HEADS_EXP), str(workdir), json.dumps(local)],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert both.returncode == 0, both.stderr[-3000:]
+    results = [json.loads(line[len("RESULT "):]) for line in both.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 2
+    clean_dir = workdir / "runs/train/local_clean"
+    assert json.loads((clean_dir / "ray/local_checkpoints.json").read_text()) == [8]
+    assert sorted(p.name for p in (clean_dir / "ray").glob("step_*")) == ["step_00000008"]
+    assert results[0]["checkpoint"] == str(clean_dir / "ray/step_00000008")
+    log = [json.loads(line)["step"] for line in (killed_dir / "train_log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # the rerun resumed from step 4's checkpoint
+    a = load_file(str(Path(group["export"]) / "head.safetensors"))
+    for result in results:
         b = load_file(str(Path(result["export"]) / "head.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
